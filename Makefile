@@ -1,0 +1,35 @@
+# Every target makes .venv first when it is missing, so a fresh clone needs only `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint format train bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,viz]"
+	touch $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+train: venv
+	$(BIN)/python train.py --config configs/tiny.yaml
+
+bench: venv
+	$(BIN)/python benchmarks/attention.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

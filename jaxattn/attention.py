@@ -1,0 +1,290 @@
+"""Scaled dot-product attention: input checks, the reference path, dispatch.
+
+Axis letters (used in every einsum and docstring of the package):
+  B batch (any number of leading dims, written ``...``), T queries, S keys/values,
+  N query heads, K key/value heads, G = N // K query heads per key head, H head dim,
+  Hv value head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.masks import and_masks, causal_mask
+
+__all__ = ["IMPLEMENTATIONS", "dot_product_attention"]
+
+IMPLEMENTATIONS = (None, "reference")
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _check_inputs(query, key, value, mask, bias, implementation):
+    """Validate static shapes and dtypes; returns (batch, T, S, N, K, G, H, Hv)."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+        if x.ndim < 3:
+            raise ValueError(
+                f"{name} must have shape [..., L, heads, head_dim] (rank >= 3), "
+                f"got rank {x.ndim} shape {_fmt(x.shape)}"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(
+            f"query, key and value must share one dtype, got query {query.dtype}, "
+            f"key {key.dtype}, value {value.dtype}"
+        )
+    batch = query.shape[:-3]
+    *_, t, n, h = query.shape
+    for name, x in (("key", key), ("value", value)):
+        if x.shape[:-3] != batch:
+            raise ValueError(
+                f"{name} has batch dims {_fmt(x.shape[:-3])} but query has {_fmt(batch)}; "
+                f"they must be equal (shapes: query {_fmt(query.shape)}, "
+                f"{name} {_fmt(x.shape)})"
+            )
+    *_, s, k, kh = key.shape
+    if kh != h:
+        raise ValueError(
+            f"key head dim is {kh} but query head dim is {h}; they must be equal "
+            f"(query {_fmt(query.shape)}, key {_fmt(key.shape)})"
+        )
+    *_, vs, vk, hv = value.shape
+    if vs != s:
+        raise ValueError(
+            f"value has {vs} positions but key has {s}; they must be equal "
+            f"(key {_fmt(key.shape)}, value {_fmt(value.shape)})"
+        )
+    if vk != k:
+        raise ValueError(
+            f"value has {vk} heads but key has {k}; they must be equal "
+            f"(key {_fmt(key.shape)}, value {_fmt(value.shape)})"
+        )
+    if n % k != 0:
+        raise ValueError(
+            f"key has {k} heads but query has {n}; query heads must be a multiple of key heads"
+        )
+    target = (*batch, n, t, s)
+    if mask is not None:
+        mask_dtype = getattr(mask, "dtype", None)
+        if mask_dtype != jnp.bool_:
+            raise ValueError(
+                f"mask must be a bool array (True = may attend), got dtype {mask_dtype}; "
+                "an additive float mask (0 / -inf) belongs in `bias`"
+            )
+        _check_broadcast("mask", mask.shape, target)
+    if bias is not None:
+        bias_dtype = getattr(bias, "dtype", None)
+        if bias_dtype is None or not jnp.issubdtype(bias_dtype, jnp.floating):
+            raise ValueError(f"bias must be a floating array, got dtype {bias_dtype}")
+        _check_broadcast("bias", bias.shape, target)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    return batch, t, s, n, k, n // k, h, hv
+
+
+def _check_broadcast(name, shape, target):
+    ok = len(shape) <= len(target) and all(
+        d in (1, full) for d, full in zip(shape[::-1], target[::-1], strict=False)
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} has shape {_fmt(shape)}, which does not broadcast to "
+            f"[..., N, T, S] = {_fmt(target)}"
+        )
+
+
+def _grouped(x, batch_rank: int, k: int, g: int):
+    """View a ``[..., N|1, T|1, S|1]`` mask or bias as ``[..., K|1, G|1, T|1, S|1]``.
+
+    Pads missing leading dims with 1 and splits the head axis without materialising the
+    broadcast when it has size 1.
+    """
+    x = x.reshape((1,) * (batch_rank + 3 - x.ndim) + x.shape)
+    *lead, nx, tx, sx = x.shape
+    if nx == 1:
+        return x.reshape((*lead, 1, 1, tx, sx))
+    return x.reshape((*lead, k, g, tx, sx))
+
+
+def _fold_queries(query, k: int, g: int):
+    """``[..., T, N, H]`` -> ``[..., K, G*T, H]``: the G query heads that share a key head are
+    stacked along the query axis, so each key head is one plain batched matmul and K/V are
+    read once, never repeated (measured 2-3x faster on CPU than a 5-D einsum)."""
+    *batch, t, _, h = query.shape
+    q = query.reshape((*batch, t, k, g, h))
+    return jnp.moveaxis(q, -4, -2).reshape((*batch, k, g * t, h))
+
+
+def _unfold_queries(x, t: int):
+    """``[..., K, G*T, Hx]`` -> ``[..., T, N, Hx]``, the inverse of :func:`_fold_queries`."""
+    *batch, k, gt, hx = x.shape
+    x = jnp.moveaxis(x.reshape((*batch, k, gt // t, t, hx)), -2, -4)
+    return x.reshape((*batch, t, k * (gt // t), hx))
+
+
+def _acc(dtype):
+    """Accumulation and softmax dtype: float32 for 16-bit inputs, else the input's own."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _weights(qf, key, mask_g, bias_g, scale, t):
+    acc = _acc(qf.dtype)
+    *batch, k, gt, _ = qf.shape
+    s = key.shape[-3]
+    logits = jnp.einsum("...KTH,...SKH->...KTS", qf, key, preferred_element_type=acc)
+    logits = logits.reshape((*batch, k, gt // t, t, s)) * scale
+    if bias_g is not None:
+        logits = logits + jnp.broadcast_to(bias_g.astype(acc), logits.shape)
+    if mask_g is not None:
+        # -inf rather than a large finite number, so that a masked key gets exactly zero
+        # weight even when the bias is huge or holds -inf itself.
+        logits = jnp.where(jnp.broadcast_to(mask_g, logits.shape), logits, -jnp.inf)
+    # The row max is 0 on rows whose every key is masked, where exp(-inf - 0) = 0 gives a zero
+    # row sum; the reciprocal is then taken as 0, so such rows get weights 0, output 0 and
+    # zero gradients: never NaN, never a silent mean of V.
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.exp(logits - row_max)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    return p * jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def _weighted_sum(weights, value, t):
+    """``[..., K, G, T, S]`` weights times ``[..., S, K, Hv]`` -> folded ``[..., K, G*T, Hv]``.
+
+    The weights are read in the value dtype (as fused kernels do); accumulation is float32.
+    """
+    *batch, k, g, _, s = weights.shape
+    w = weights.reshape((*batch, k, g * t, s)).astype(value.dtype)
+    return jnp.einsum("...KTS,...SKH->...KTH", w, value, preferred_element_type=_acc(value.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _core(t, return_weights, qf, key, value, mask_g, bias_g, scale):
+    return _core_fwd(t, return_weights, qf, key, value, mask_g, bias_g, scale)[0]
+
+
+def _core_fwd(t, return_weights, qf, key, value, mask_g, bias_g, scale):
+    weights = _weights(qf, key, mask_g, bias_g, scale, t)
+    out = _weighted_sum(weights, value, t)  # accumulation dtype
+    primal = (out, weights) if return_weights else out
+    return primal, (qf, key, value, bias_g, scale, weights, out)
+
+
+def _core_bwd(t, return_weights, residuals, cotangent):
+    # The analytic softmax backward (written out, not autodiff'd): it reuses the saved
+    # weights and costs four matmuls, where autodiff of the forward costs about twice as much
+    # on CPU. Weights are 0 at masked keys and on fully masked rows, so dS is 0 there too.
+    qf, key, value, bias_g, scale, weights, out = residuals
+    d_out, d_weights = cotangent if return_weights else (cotangent, None)
+    *batch, k, g, _, s = weights.shape
+    w_f = weights.reshape((*batch, k, g * t, s))
+    acc = _acc(qf.dtype)
+    d_out = d_out.astype(acc)
+    d_value = jnp.einsum(
+        "...KTS,...KTH->...SKH",
+        w_f.astype(value.dtype),
+        d_out.astype(value.dtype),
+        preferred_element_type=acc,
+    ).astype(value.dtype)
+    d_w = jnp.einsum(
+        "...KTH,...SKH->...KTS",
+        d_out.astype(value.dtype),
+        value,
+        preferred_element_type=acc,
+    )
+    if d_weights is not None:
+        d_w = d_w + d_weights.reshape(d_w.shape)
+    delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # rowsum(dW * W) = rowsum(dO * O)
+    d_logits = w_f * (d_w - delta)  # [..., K, G*T, S], accumulation dtype
+    d_qk = d_logits.astype(qf.dtype)
+    d_q_unscaled = jnp.einsum("...KTS,...SKH->...KTH", d_qk, key, preferred_element_type=acc)
+    d_key = jnp.einsum("...KTS,...KTH->...SKH", d_qk, qf, preferred_element_type=acc)
+    d_qf = (d_q_unscaled * scale).astype(qf.dtype)
+    d_key = (d_key * scale).astype(key.dtype)
+    d_scale = jnp.sum(d_q_unscaled * qf.astype(acc)).astype(scale.dtype)
+    d_bias = None
+    if bias_g is not None:
+        d_l = d_logits.reshape(weights.shape)
+        axes = tuple(
+            i for i, (a, b) in enumerate(zip(bias_g.shape, d_l.shape, strict=True)) if a != b
+        )
+        d_bias = jnp.sum(d_l, axis=axes, keepdims=True).astype(bias_g.dtype)
+    return d_qf, d_key, d_value, None, d_bias, d_scale
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _reference(query, key, value, mask, bias, scale, return_weights, dims):
+    batch, t, s, n, k, g, _, _ = dims
+    nb = len(batch)
+    qf = _fold_queries(query, k, g)
+    mask_g = None if mask is None else _grouped(mask, nb, k, g)
+    bias_g = None if bias is None else _grouped(bias, nb, k, g)
+    result = _core(t, return_weights, qf, key, value, mask_g, bias_g, scale)
+    out, weights = result if return_weights else (result, None)
+    out = _unfold_queries(out, t).astype(query.dtype)
+    if not return_weights:
+        return out
+    return out, weights.reshape((*batch, n, t, s))
+
+
+@functools.partial(jax.jit, static_argnames=("is_causal", "return_weights", "implementation"))
+def dot_product_attention(
+    query,
+    key,
+    value,
+    mask=None,
+    bias=None,
+    *,
+    scale=None,
+    is_causal: bool = False,
+    return_weights: bool = False,
+    implementation: str | None = None,
+):
+    """Scaled dot-product attention, softmax(Q K^T * scale + bias, masked) V.
+
+    Args:
+      query: ``[..., T, N, H]``; any number of leading batch dims, including none.
+      key: ``[..., S, K, H]``; ``N`` must be a multiple of ``K`` (``K == N`` multi-head,
+        ``1 < K < N`` grouped-query, ``K == 1`` multi-query; each key/value head serves
+        ``G = N // K`` consecutive query heads and is never copied).
+      value: ``[..., S, K, Hv]``; ``Hv`` may differ from ``H``.
+      mask: bool, True = may attend; broadcastable to ``[..., N, T, S]`` (see
+        :mod:`jaxattn.masks`). Float or int masks are refused: additive masks go in ``bias``.
+      bias: floating, broadcastable to ``[..., N, T, S]``, added to the scaled logits (ALiBi,
+        relative positions, additive masks; ``-inf`` entries are allowed).
+      scale: logit multiplier, default ``1 / sqrt(H)``; may be a traced scalar.
+      is_causal: AND the mask with :func:`jaxattn.causal_mask` (bottom-right aligned when
+        ``T != S``: query ``t`` sees keys up to ``t + S - T``).
+      return_weights: also return the attention weights ``[..., N, T, S]`` (float32).
+      implementation: ``None`` (pick the best available path) or ``"reference"``.
+
+    Returns:
+      ``[..., T, N, Hv]`` in the input dtype, and the weights if asked for.
+
+    Numerics and edges: query, key and value share one floating dtype; logits and softmax
+    run in float32 and the output is cast back. A query row whose every key is masked
+    (including by ``-inf`` bias, or rows ``t < T - S`` under ``is_causal`` with ``T > S``)
+    gets output 0, weights 0 and zero gradients. Every shape, head-count and dtype error is
+    a ``ValueError`` raised at trace time that names the argument.
+    """
+    dims = _check_inputs(query, key, value, mask, bias, implementation)
+    _, t, s, *_, h, _ = dims
+    if scale is None:
+        scale = 1.0 / math.sqrt(h)
+    if is_causal:
+        causal = causal_mask(t, s)
+        mask = causal if mask is None else and_masks(mask, causal)
+    scale = jnp.asarray(scale, _acc(query.dtype))
+    return _reference(query, key, value, mask, bias, scale, return_weights, dims)
