@@ -131,31 +131,40 @@ def _unfold_queries(x, t: int):
     return x.reshape((*batch, t, k * (gt // t), hx))
 
 
+# Fill value for masked logits, as a fraction of the most negative finite number of the
+# softmax dtype: far below any real logit, with headroom so that `fill - max` cannot overflow.
+_FILL_FRACTION = 0.7
+
+
 def _acc(dtype):
     """Accumulation and softmax dtype: float32 for 16-bit inputs, else the input's own."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _weights(qf, key, mask_g, bias_g, scale, t):
+def _weights(qf, key, mask_g, bias_g, scale, t, empty_rows):
     acc = _acc(qf.dtype)
     *batch, k, gt, _ = qf.shape
     s = key.shape[-3]
     logits = jnp.einsum("...KTH,...SKH->...KTS", qf, key, preferred_element_type=acc)
     logits = logits.reshape((*batch, k, gt // t, t, s)) * scale
+    # Masked keys get a finite fill, far below any real logit, so that the row max is always
+    # finite and exp(fill - max) is exactly 0 for a masked key in a row with a real one. A
+    # -inf in the bias is clamped to the same fill: it masks like a False in `mask`. (A finite
+    # max also keeps XLA's fused max-exp kernel; a -inf fill needs a guard that breaks it.)
+    fill = jnp.asarray(_FILL_FRACTION * jnp.finfo(acc).min, acc)
     if bias_g is not None:
-        logits = logits + jnp.broadcast_to(bias_g.astype(acc), logits.shape)
+        logits = jnp.maximum(logits + jnp.broadcast_to(bias_g.astype(acc), logits.shape), fill)
     if mask_g is not None:
-        # -inf rather than a large finite number, so that a masked key gets exactly zero
-        # weight even when the bias is huge or holds -inf itself.
-        logits = jnp.where(jnp.broadcast_to(mask_g, logits.shape), logits, -jnp.inf)
-    # The row max is 0 on rows whose every key is masked, where exp(-inf - 0) = 0 gives a zero
-    # row sum; the reciprocal is then taken as 0, so such rows get weights 0, output 0 and
-    # zero gradients: never NaN, never a silent mean of V.
+        logits = jnp.where(jnp.broadcast_to(mask_g, logits.shape), logits, fill)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     p = jnp.exp(logits - row_max)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    return p * jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    inv = 1.0 / jnp.sum(p, axis=-1, keepdims=True)  # the sum is >= 1: exp(max - max) = 1
+    if empty_rows:
+        # A row whose every key is masked has max == fill: its weights are set to 0 (not
+        # the uniform 1/S that exp(fill - fill) would give), so its output is 0 and its
+        # gradients are 0: never NaN, never a silent mean of V.
+        inv = jnp.where(row_max > fill, inv, 0.0)
+    return p * inv
 
 
 def _weighted_sum(weights, value, t):
@@ -168,19 +177,35 @@ def _weighted_sum(weights, value, t):
     return jnp.einsum("...KTS,...SKH->...KTH", w, value, preferred_element_type=_acc(value.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _core(t, return_weights, qf, key, value, mask_g, bias_g, scale):
-    return _core_fwd(t, return_weights, qf, key, value, mask_g, bias_g, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _core(t, return_weights, empty_rows, qf, key, value, mask_g, bias_g, scale):
+    """Folded attention with the analytic backward.
+
+    Static: ``t`` (T), ``return_weights``, ``empty_rows`` (False when no row can be fully
+    masked, which skips the guard that zeroes such rows).
+    """
+    return _core_fwd(t, return_weights, empty_rows, qf, key, value, mask_g, bias_g, scale)[0]
 
 
-def _core_fwd(t, return_weights, qf, key, value, mask_g, bias_g, scale):
-    weights = _weights(qf, key, mask_g, bias_g, scale, t)
+def _core_fwd(t, return_weights, empty_rows, qf, key, value, mask_g, bias_g, scale):
+    weights = _weights(qf, key, mask_g, bias_g, scale, t, empty_rows)
     out = _weighted_sum(weights, value, t)  # accumulation dtype
     primal = (out, weights) if return_weights else out
     return primal, (qf, key, value, bias_g, scale, weights, out)
 
 
-def _core_bwd(t, return_weights, residuals, cotangent):
+def _transposed(x):
+    """``x`` with its last two axes swapped in memory, not only in the dot's dimension numbers.
+
+    The barrier keeps XLA from folding the transpose into the matmul, which then has its
+    contracting axis last on both sides: XLA:CPU runs that through its fast matmul path,
+    where a transposed-operand dot falls back to a generic one (measured 1.3x slower for the
+    whole backward at T = 10).
+    """
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+def _core_bwd(t, return_weights, empty_rows, residuals, cotangent):
     # The analytic softmax backward (written out, not autodiff'd): it reuses the saved
     # weights and costs four matmuls, where autodiff of the forward costs about twice as much
     # on CPU. Weights are 0 at masked keys and on fully masked rows, so dS is 0 there too.
@@ -190,12 +215,16 @@ def _core_bwd(t, return_weights, residuals, cotangent):
     w_f = weights.reshape((*batch, k, g * t, s))
     acc = _acc(qf.dtype)
     d_out = d_out.astype(acc)
+    # Key-side gradients come out as [..., K, S, H] (a plain batched matmul, which XLA:CPU
+    # runs through its fast path; asking for [..., S, K, H] directly was measured to fall
+    # back to a slower generic dot) and are transposed afterwards.
     d_value = jnp.einsum(
-        "...KTS,...KTH->...SKH",
-        w_f.astype(value.dtype),
+        "...KST,...KTH->...KSH",
+        _transposed(w_f.astype(value.dtype)),
         d_out.astype(value.dtype),
         preferred_element_type=acc,
-    ).astype(value.dtype)
+    )
+    d_value = jnp.swapaxes(d_value, -3, -2).astype(value.dtype)
     d_w = jnp.einsum(
         "...KTH,...SKH->...KTS",
         d_out.astype(value.dtype),
@@ -208,9 +237,9 @@ def _core_bwd(t, return_weights, residuals, cotangent):
     d_logits = w_f * (d_w - delta)  # [..., K, G*T, S], accumulation dtype
     d_qk = d_logits.astype(qf.dtype)
     d_q_unscaled = jnp.einsum("...KTS,...SKH->...KTH", d_qk, key, preferred_element_type=acc)
-    d_key = jnp.einsum("...KTS,...KTH->...SKH", d_qk, qf, preferred_element_type=acc)
+    d_key = jnp.einsum("...KST,...KTH->...KSH", _transposed(d_qk), qf, preferred_element_type=acc)
     d_qf = (d_q_unscaled * scale).astype(qf.dtype)
-    d_key = (d_key * scale).astype(key.dtype)
+    d_key = jnp.swapaxes(d_key * scale, -3, -2).astype(key.dtype)
     d_scale = jnp.sum(d_q_unscaled * qf.astype(acc)).astype(scale.dtype)
     d_bias = None
     if bias_g is not None:
@@ -225,13 +254,13 @@ def _core_bwd(t, return_weights, residuals, cotangent):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _reference(query, key, value, mask, bias, scale, return_weights, dims):
+def _reference(query, key, value, mask, bias, scale, return_weights, empty_rows, dims):
     batch, t, s, n, k, g, _, _ = dims
     nb = len(batch)
     qf = _fold_queries(query, k, g)
     mask_g = None if mask is None else _grouped(mask, nb, k, g)
     bias_g = None if bias is None else _grouped(bias, nb, k, g)
-    result = _core(t, return_weights, qf, key, value, mask_g, bias_g, scale)
+    result = _core(t, return_weights, empty_rows, qf, key, value, mask_g, bias_g, scale)
     out, weights = result if return_weights else (result, None)
     out = _unfold_queries(out, t).astype(query.dtype)
     if not return_weights:
@@ -283,8 +312,11 @@ def dot_product_attention(
     _, t, s, *_, h, _ = dims
     if scale is None:
         scale = 1.0 / math.sqrt(h)
+    # Only a user mask, a bias (-inf entries) or causal attention with more queries than keys
+    # can leave a query row with no key at all.
+    empty_rows = mask is not None or bias is not None or (is_causal and t > s)
     if is_causal:
         causal = causal_mask(t, s)
         mask = causal if mask is None else and_masks(mask, causal)
     scale = jnp.asarray(scale, _acc(query.dtype))
-    return _reference(query, key, value, mask, bias, scale, return_weights, dims)
+    return _reference(query, key, value, mask, bias, scale, return_weights, empty_rows, dims)
