@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, matmul_ceiling_gflops, time_interleaved  # noqa: E402
+from common import machine, matmul_ceiling_gflops, time_interleaved
 
-import jaxattn  # noqa: E402
+import jaxattn
 
 SHAPES = [(32, 10, 4, 32), (8, 512, 8, 64), (2, 2048, 8, 64)]
 
@@ -44,7 +44,7 @@ def _impls(causal: bool, t: int):
 
 def _fwd_bwd(f):
     def run(q, k, v, do):
-        out, vjp = jax.vjp(f, q, k, v)
+        _, vjp = jax.vjp(f, q, k, v)
         return vjp(do)
 
     return run

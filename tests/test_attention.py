@@ -1,0 +1,381 @@
+"""dot_product_attention against the float64 reference, jax.nn, closed forms and its errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import reference_attention
+
+import jaxattn as ja
+
+
+def qkv(rng, batch, t, s, n, k, h, hv=None, dtype=np.float32):
+    hv = h if hv is None else hv
+    q = rng.standard_normal((*batch, t, n, h)).astype(dtype)
+    key = rng.standard_normal((*batch, s, k, h)).astype(dtype)
+    v = rng.standard_normal((*batch, s, k, hv)).astype(dtype)
+    return q, key, v
+
+
+def _lengths(rng, batch, size):
+    b = int(np.prod(batch)) if batch else 1
+    return jnp.asarray(rng.integers(0, size + 1, size=b))
+
+
+def _per_sequence(mask, batch):
+    """[B', 1, T, S] over the flattened batch -> [*batch, 1, T, S]."""
+    return mask.reshape((*batch, *mask.shape[-3:])) if batch else mask[0]
+
+
+# Each builder: (rng, batch, T, S) -> bool mask broadcastable to [*batch, N, T, S].
+MASKS = {
+    "causal": lambda rng, b, t, s: ja.causal_mask(t, s),
+    "window": lambda rng, b, t, s: ja.sliding_window_mask(t, s, (2, 1)),
+    "prefix": lambda rng, b, t, s: ja.prefix_lm_mask(t, s, prefix_len=2),
+    "kv_padding": lambda rng, b, t, s: _per_sequence(
+        ja.padding_mask(kv_lengths=_lengths(rng, b, s), kv_len=s), b
+    ),
+    "q_and_kv_padding": lambda rng, b, t, s: _per_sequence(
+        ja.padding_mask(
+            q_lengths=_lengths(rng, b, t), kv_lengths=_lengths(rng, b, s), q_len=t, kv_len=s
+        ),
+        b,
+    ),
+    "segments": lambda rng, b, t, s: _per_sequence(
+        ja.segment_mask(
+            jnp.asarray(np.sort(rng.integers(0, 3, size=(max(1, int(np.prod(b))), t)))),
+            jnp.asarray(np.sort(rng.integers(0, 3, size=(max(1, int(np.prod(b))), s)))),
+        ),
+        b,
+    ),
+    "causal_and_padding": lambda rng, b, t, s: ja.and_masks(
+        MASKS["causal"](rng, b, t, s), MASKS["kv_padding"](rng, b, t, s)
+    ),
+    "window_or_prefix": lambda rng, b, t, s: ja.or_masks(
+        ja.sliding_window_mask(t, s, (1, 0)), ja.prefix_lm_mask(t, s, prefix_len=1)
+    ),
+    "random": lambda rng, b, t, s: jnp.asarray(rng.random((*b, 1, t, s)) < 0.5),
+}
+
+# (batch, T, S, N, K, H, Hv): leading dims none/1/2, MHA/GQA/MQA, T != S, Hv != H.
+SHAPES = [
+    ((), 5, 5, 2, 2, 8, 8),
+    ((1,), 3, 7, 4, 2, 8, 8),
+    ((2,), 6, 4, 4, 1, 4, 6),
+    ((2, 3), 4, 4, 6, 3, 8, 5),
+    ((3,), 1, 9, 8, 2, 16, 16),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[1:])) + f"b{s[0]}")
+@pytest.mark.parametrize("mask_kind", [None, *MASKS])
+def test_matches_float64_reference(rng, shape, mask_kind):
+    batch, t, s, n, k, h, hv = shape
+    q, key, v = qkv(rng, batch, t, s, n, k, h, hv)
+    mask = None if mask_kind is None else MASKS[mask_kind](rng, batch, t, s)
+    bias = rng.standard_normal((n, t, s)).astype(np.float32) if mask_kind == "window" else None
+    out, weights = ja.dot_product_attention(q, key, v, mask=mask, bias=bias, return_weights=True)
+    ref_out, ref_w = reference_attention(q, key, v, mask=mask, bias=bias)
+    assert out.shape == (*batch, t, n, hv) and out.dtype == jnp.float32
+    assert weights.shape == (*batch, n, t, s)
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(weights, np.broadcast_to(ref_w, weights.shape), atol=2e-6)
+
+
+@pytest.mark.parametrize("t,s", [(4, 4), (3, 6), (6, 3)])
+def test_is_causal_equals_causal_mask(rng, t, s):
+    q, key, v = qkv(rng, (2,), t, s, 4, 2, 8)
+    a = ja.dot_product_attention(q, key, v, is_causal=True)
+    b = ja.dot_product_attention(q, key, v, mask=ja.causal_mask(t, s))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(
+        a, reference_attention(q, key, v, ja.causal_mask(t, s))[0], atol=2e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "causal", "with_mask", "with_bias"),
+    [
+        (4, 4, False, False, False),
+        (4, 4, True, False, False),
+        (8, 2, True, False, False),
+        (4, 1, False, True, False),
+        (4, 4, False, False, True),
+    ],
+)
+def test_matches_jax_nn(rng, n, k, causal, with_mask, with_bias):
+    q, key, v = qkv(rng, (2,), 6, 6, n, k, 8)
+    # Every row keeps its diagonal key: jax.nn gives a fully masked row the mean of V.
+    mask = ja.or_masks(jnp.asarray(rng.random((2, 1, 6, 6)) < 0.7), jnp.eye(6, dtype=bool))
+    mask = mask if with_mask else None
+    bias = jnp.asarray(rng.standard_normal((1, n, 6, 6)), jnp.float32) if with_bias else None
+    ours = ja.dot_product_attention(q, key, v, mask=mask, bias=bias, is_causal=causal)
+    theirs = jax.nn.dot_product_attention(q, key, v, mask=mask, bias=bias, is_causal=causal)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_two_by_two_worked_by_hand():
+    # One head, H = 1, scale 1, q = [0, 1], k = [1, 2]: logits q k^T = [[0, 0], [1, 2]].
+    # Query 0 weighs both keys equally; query 1 weighs them 1/(1+e) and e/(1+e).
+    q = jnp.array([[[0.0]], [[1.0]]])  # [T=2, N=1, H=1]
+    k = jnp.array([[[1.0]], [[2.0]]])  # [S=2, K=1, H=1]
+    v = jnp.array([[[10.0]], [[20.0]]])
+    out, w = ja.dot_product_attention(q, k, v, scale=1.0, return_weights=True)
+    e = np.e
+    np.testing.assert_allclose(w[0], [[0.5, 0.5], [1 / (1 + e), e / (1 + e)]], rtol=1e-6)
+    np.testing.assert_allclose(out[:, 0, 0], [15.0, 10 / (1 + e) + 20 * e / (1 + e)], rtol=1e-6)
+    # Causal: query 0 sees only key 0.
+    out_c = ja.dot_product_attention(q, k, v, scale=1.0, is_causal=True)
+    np.testing.assert_allclose(out_c[:, 0, 0], [10.0, 10 / (1 + e) + 20 * e / (1 + e)], rtol=1e-6)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim(rng):
+    q, key, v = qkv(rng, (1,), 3, 3, 2, 2, 16)
+    default = ja.dot_product_attention(q, key, v)
+    explicit = ja.dot_product_attention(q, key, v, scale=0.25)
+    other = ja.dot_product_attention(q, key, v, scale=1.0)
+    np.testing.assert_allclose(default, explicit, atol=1e-6)
+    assert not np.allclose(default, other, atol=1e-3)
+
+
+def test_every_option_changes_the_output(rng):
+    q, key, v = qkv(rng, (2,), 5, 5, 2, 2, 8)
+    base = ja.dot_product_attention(q, key, v)
+    mask = ja.sliding_window_mask(5, 5, 1)
+    bias = jnp.asarray(rng.standard_normal((2, 5, 5)), jnp.float32)
+    for variant in (
+        ja.dot_product_attention(q, key, v, is_causal=True),
+        ja.dot_product_attention(q, key, v, mask=mask),
+        ja.dot_product_attention(q, key, v, bias=bias),
+        ja.dot_product_attention(q, key, v, scale=2.0),
+    ):
+        assert not np.allclose(base, variant, atol=1e-4)
+
+
+class TestFullyMaskedRows:
+    def setup_method(self):
+        rng = np.random.default_rng(1)
+        self.q, self.k, self.v = qkv(rng, (2,), 4, 3, 4, 2, 8)
+        mask = np.ones((2, 1, 4, 3), bool)
+        mask[0, 0, 1] = False  # sequence 0, query 1 sees nothing
+        mask[1, 0, 3] = False
+        self.mask = jnp.asarray(mask)
+
+    def test_output_and_weights_are_zero(self):
+        out, w = ja.dot_product_attention(
+            self.q, self.k, self.v, mask=self.mask, return_weights=True
+        )
+        assert np.isfinite(out).all()
+        np.testing.assert_array_equal(out[0, 1], 0.0)
+        np.testing.assert_array_equal(out[1, 3], 0.0)
+        np.testing.assert_array_equal(w[0, :, 1], 0.0)
+        np.testing.assert_allclose(w[0, :, 0].sum(-1), 1.0, rtol=1e-6)
+
+    def test_gradients_are_zero_and_finite(self):
+        def loss(q, k, v):
+            return jnp.sum(ja.dot_product_attention(q, k, v, mask=self.mask) ** 2)
+
+        dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(self.q, self.k, self.v)
+        for g in (dq, dk, dv):
+            assert np.isfinite(g).all()
+        np.testing.assert_array_equal(dq[0, 1], 0.0)
+        np.testing.assert_array_equal(dq[1, 3], 0.0)
+        assert np.abs(dq[0, 0]).sum() > 0
+
+    def test_causal_with_more_queries_than_keys(self):
+        out = ja.dot_product_attention(self.q, self.k, self.v, is_causal=True)  # T=4 > S=3
+        np.testing.assert_array_equal(out[:, 0], 0.0)
+        assert np.abs(out[:, 1]).sum() > 0
+
+    def test_minus_inf_bias_masks_like_false(self):
+        bias = np.zeros((1, 1, 4, 3), np.float32)
+        bias[..., 2, :] = -np.inf
+        bias[..., 0, 1] = -np.inf
+        out = ja.dot_product_attention(self.q, self.k, self.v, bias=jnp.asarray(bias))
+        mask = jnp.asarray(np.isfinite(bias))
+        np.testing.assert_array_equal(
+            out, ja.dot_product_attention(self.q, self.k, self.v, mask=mask)
+        )
+        np.testing.assert_array_equal(out[:, 2], 0.0)
+
+
+def _ref64(q, k, v, mask, bias, scale):
+    """The formula in float64 jnp, differentiable; masked rows zeroed by a 0/1 factor."""
+    g = q.shape[-2] // k.shape[-2]
+    k, v = jnp.repeat(k, g, axis=-2), jnp.repeat(v, g, axis=-2)
+    logits = jnp.einsum("...tnh,...snh->...nts", q, k) * scale + bias
+    mask = jnp.broadcast_to(mask, logits.shape)
+    logits = jnp.where(mask, logits, -1e300)
+    w = jax.nn.softmax(logits, axis=-1) * jnp.any(mask, axis=-1, keepdims=True)
+    return jnp.einsum("...nts,...snh->...tnh", w, v)
+
+
+@pytest.mark.parametrize(("n", "k", "t", "s"), [(4, 4, 5, 5), (4, 2, 3, 6), (6, 2, 6, 4)])
+def test_gradients_match_float64_reference(n, k, t, s):
+    rng = np.random.default_rng(2)
+    with jax.enable_x64(True):
+        q, key, v = (jnp.asarray(x) for x in qkv(rng, (2,), t, s, n, k, 8, 6, np.float64))
+        mask = np.array(
+            ja.and_masks(ja.causal_mask(t, s), jnp.asarray(rng.random((2, 1, t, s)) < 0.8))
+        )
+        mask[0, 0, 0] = False  # a fully masked row
+        mask = jnp.asarray(mask)
+        bias = jnp.asarray(rng.standard_normal((1, n, t, s)))
+        ct = jnp.asarray(rng.standard_normal((2, t, n, 6)))
+
+        def ours(q, key, v, bias, scale):
+            return jnp.sum(
+                ja.dot_product_attention(q, key, v, mask=mask, bias=bias, scale=scale) * ct
+            )
+
+        def ref(q, key, v, bias, scale):
+            return jnp.sum(_ref64(q, key, v, mask, bias, scale) * ct)
+
+        args = (q, key, v, bias, jnp.float64(0.3))
+        g_ours = jax.grad(ours, argnums=(0, 1, 2, 3, 4))(*args)
+        g_ref = jax.grad(ref, argnums=(0, 1, 2, 3, 4))(*args)
+        for name, a, b in zip(
+            ("query", "key", "value", "bias", "scale"), g_ours, g_ref, strict=True
+        ):
+            assert a.dtype == jnp.float64, name
+            np.testing.assert_allclose(a, b, atol=1e-10, rtol=1e-9, err_msg=name)
+        np.testing.assert_array_equal(g_ours[0][0, 0], 0.0)
+
+
+def test_float32_gradients_close_to_float64():
+    rng = np.random.default_rng(3)
+    q, key, v = qkv(rng, (2,), 6, 6, 4, 2, 8)
+    mask = ja.causal_mask(6)
+
+    def loss(fn, q, key, v):
+        return jnp.sum(jnp.sin(fn(q, key, v)))
+
+    g32 = jax.grad(
+        lambda *a: loss(lambda q, k, v: ja.dot_product_attention(q, k, v, mask=mask), *a),
+        argnums=(0, 1, 2),
+    )(q, key, v)
+    with jax.enable_x64(True):
+        args64 = [jnp.asarray(x, jnp.float64) for x in (q, key, v)]
+        g64 = jax.grad(
+            lambda *a: loss(lambda q, k, v: _ref64(q, k, v, mask, 0.0, 1 / np.sqrt(8)), *a),
+            argnums=(0, 1, 2),
+        )(*args64)
+    for a, b in zip(g32, g64, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(jnp.bfloat16, 3e-2), (jnp.float16, 4e-3)])
+def test_low_precision_inputs_within_tolerance(rng, dtype, atol):
+    q, key, v = qkv(rng, (2,), 16, 16, 4, 2, 32)
+    q16, k16, v16 = (jnp.asarray(x, dtype) for x in (q, key, v))
+    out = ja.dot_product_attention(q16, k16, v16, is_causal=True)
+    assert out.dtype == dtype
+    # Compared with the float64 result on the same (rounded) inputs.
+    ref = reference_attention(
+        *(np.asarray(x.astype(jnp.float32)) for x in (q16, k16, v16)), ja.causal_mask(16)
+    )[0]
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=atol, rtol=atol)
+    grads = jax.grad(
+        lambda q: jnp.sum(ja.dot_product_attention(q, k16, v16, is_causal=True).astype(jnp.float32))
+    )(q16)
+    assert grads.dtype == dtype and np.isfinite(np.asarray(grads, np.float32)).all()
+
+
+def test_jit_vmap_and_grad_compose(rng):
+    q, key, v = qkv(rng, (3,), 4, 4, 2, 2, 8)
+    batched = ja.dot_product_attention(q, key, v, is_causal=True)
+    mapped = jax.vmap(lambda a, b, c: ja.dot_product_attention(a, b, c, is_causal=True))(q, key, v)
+    np.testing.assert_allclose(batched, mapped, atol=1e-6)
+    jitted = jax.jit(lambda a, b, c: ja.dot_product_attention(a, b, c, is_causal=True))(q, key, v)
+    np.testing.assert_allclose(batched, jitted, atol=1e-6)
+    g = jax.jit(jax.grad(lambda a: ja.dot_product_attention(a, key, v).sum()))(q)
+    assert g.shape == q.shape
+    # A traced scale works too and its gradient is defined.
+    ds = jax.grad(lambda s: ja.dot_product_attention(q, key, v, scale=s).sum())(0.5)
+    assert np.isfinite(ds)
+
+
+def _err(**overrides):
+    rng = np.random.default_rng(0)
+    q, key, v = qkv(rng, (2,), 4, 5, 4, 2, 8)
+    args = {"query": q, "key": key, "value": v}
+    args.update(overrides)
+    q, key, v = args.pop("query"), args.pop("key"), args.pop("value")
+    with pytest.raises(ValueError) as info:
+        ja.dot_product_attention(q, key, v, **args)
+    return str(info.value)
+
+
+Z = np.zeros
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"query": Z((4, 8), np.float32)},
+            "query must have shape [..., L, heads, head_dim] (rank >= 3), got rank 2 shape [4, 8]",
+        ),
+        (
+            {"key": Z((2, 5, 3, 8), np.float32), "value": Z((2, 5, 3, 8), np.float32)},
+            "key has 3 heads but query has 4; query heads must be a multiple of key heads",
+        ),
+        ({"key": Z((2, 5, 2, 7), np.float32)}, "key head dim is 7 but query head dim is 8"),
+        ({"value": Z((2, 6, 2, 8), np.float32)}, "value has 6 positions but key has 5"),
+        ({"value": Z((2, 5, 1, 8), np.float32)}, "value has 1 heads but key has 2"),
+        (
+            {"key": Z((3, 5, 2, 8), np.float32), "value": Z((3, 5, 2, 8), np.float32)},
+            "key has batch dims [3] but query has [2]",
+        ),
+        (
+            {"key": Z((2, 5, 2, 8), np.float16)},
+            "query, key and value must share one dtype, "
+            "got query float32, key float16, value float32",
+        ),
+        ({"query": Z((2, 4, 4, 8), np.int32)}, "query must have a floating dtype, got int32"),
+        (
+            {"mask": Z((4, 5), np.float32)},
+            "mask must be a bool array (True = may attend), got dtype float32; "
+            "an additive float mask (0 / -inf) belongs in `bias`",
+        ),
+        (
+            {"mask": Z((4, 5), np.int32)},
+            "mask must be a bool array (True = may attend), got dtype int32",
+        ),
+        (
+            {"mask": Z((5, 4), bool)},
+            "mask has shape [5, 4], which does not broadcast to [..., N, T, S] = [2, 4, 4, 5]",
+        ),
+        (
+            {"bias": Z((3, 4, 5), np.float32)},
+            "bias has shape [3, 4, 5], which does not broadcast to [..., N, T, S] = [2, 4, 4, 5]",
+        ),
+        ({"bias": Z((4, 5), bool)}, "bias must be a floating array, got dtype bool"),
+        (
+            {"implementation": "fastest"},
+            "implementation must be one of (None, 'reference'), got 'fastest'",
+        ),
+    ],
+)
+def test_error_messages(overrides, message):
+    assert message in _err(**overrides)
+
+
+def test_errors_raise_at_trace_time_under_jit():
+    q = jnp.zeros((2, 4, 4, 8))
+    k = jnp.zeros((2, 5, 3, 8))
+    with pytest.raises(ValueError, match="query heads must be a multiple of key heads"):
+        jax.jit(ja.dot_product_attention).lower(q, k, k)
+
+
+def test_all_mask_kinds_and_shapes_were_covered():
+    # Guard against the parametrisation silently shrinking.
+    kinds = set(MASKS)
+    assert {"causal", "window", "prefix", "kv_padding", "segments"} <= kinds
+    assert {len(b) for b, *_ in SHAPES} == {0, 1, 2}
+    assert any(n != k for _, _, _, n, k, *_ in SHAPES)
+    assert any(k == 1 for _, _, _, _, k, *_ in SHAPES)
+    assert any(h != hv for *_, h, hv in SHAPES)
+    assert any(t != s for _, t, s, *_ in SHAPES)
