@@ -14,7 +14,7 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Train a TinyDecoder on a synthetic sequence task.",
-        epilog="example: python train.py --config configs/tiny.yaml train.steps=500 model.positions=rotary",
+        epilog="example: python train.py --config configs/tiny.yaml train.steps=500",
     )
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")

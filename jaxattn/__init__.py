@@ -1,11 +1,17 @@
-"""jaxattn: attention kernels and masks in JAX that are right to the last masked row.
+"""jaxattn: attention kernels and masks in JAX that are right to the last masked row, and a
+tiny Flax NNX decoder that learns synthetic sequence tasks with them.
 
 Public API (everything else is internal)::
 
     from jaxattn import dot_product_attention, causal_mask, padding_mask, ...
+    from jaxattn import TinyDecoder, ModelConfig, generate, load_run
 """
 
 from jaxattn.attention import dot_product_attention as dot_product_attention
+from jaxattn.config import Config as Config
+from jaxattn.config import ConfigError as ConfigError
+from jaxattn.config import load_config as load_config
+from jaxattn.decoding import generate as generate
 from jaxattn.masks import and_masks as and_masks
 from jaxattn.masks import causal_mask as causal_mask
 from jaxattn.masks import or_masks as or_masks
@@ -14,5 +20,9 @@ from jaxattn.masks import padding_mask_from_tokens as padding_mask_from_tokens
 from jaxattn.masks import prefix_lm_mask as prefix_lm_mask
 from jaxattn.masks import segment_mask as segment_mask
 from jaxattn.masks import sliding_window_mask as sliding_window_mask
+from jaxattn.model import ModelConfig as ModelConfig
+from jaxattn.model import TinyDecoder as TinyDecoder
+from jaxattn.training import load_run as load_run
+from jaxattn.training import train as train
 
 __version__ = "0.1.0"

@@ -7,7 +7,15 @@ Every field has a comment; ``configs/tiny.yaml`` documents the same fields for u
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
 
 
 @dataclass(frozen=True)
@@ -73,3 +81,269 @@ class Config:
 def to_dict(config) -> dict:
     """Plain nested dict of a config (for YAML and JSON)."""
     return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and validation
+
+_SECTIONS = {"model": ModelConfig, "task": TaskConfig, "optim": OptimConfig, "train": TrainConfig}
+_TOP_KEYS = ("name", *_SECTIONS)
+_TYPE_NAMES = {int: "an int", float: "a float", bool: "a bool (true or false)", str: "a string"}
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message is one user-facing line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+def _field_types(cls) -> dict[str, tuple[type, bool]]:
+    """{field: (base type, accepts None)} from the dataclass annotations."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        args = typing.get_args(hints[f.name])
+        base = next((a for a in args if a is not type(None)), hints[f.name])
+        out[f.name] = (base, type(None) in args)
+    return out
+
+
+# Every dotted key -> (base type, accepts None).
+_KEYS: dict[str, tuple[type, bool]] = {"name": (str, False)}
+for _section, _cls in _SECTIONS.items():
+    _KEYS.update({f"{_section}.{k}": v for k, v in _field_types(_cls).items()})
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+_POSITIVE = ((lambda v: v > 0), "> 0")
+_UNIT_CLOSED = ((lambda v: 0 <= v <= 1), "in [0, 1]")
+_UNIT_OPEN = ((lambda v: 0 <= v < 1), "in [0, 1)")
+
+# Dotted key -> (predicate, what is allowed); None values of optional keys skip the rule.
+_RULES = {
+    "name": (
+        lambda v: bool(re.fullmatch(r"[\w.-]+", v)) and v not in (".", ".."),
+        "a non-empty name of letters, digits, '_', '-' or '.'",
+    ),
+    "model.d_model": _at_least(1),
+    "model.num_layers": _at_least(1),
+    "model.num_heads": _at_least(1),
+    "model.num_kv_heads": _at_least(1),
+    "model.d_ff": _at_least(1),
+    "model.max_len": _at_least(1),
+    "model.positions": _one_of("sinusoidal", "learned", "rotary"),
+    "model.activation": _one_of("relu", "gelu"),
+    "model.norm": _one_of("pre", "post"),
+    "model.dropout": _UNIT_OPEN,
+    "model.attention_dropout": _UNIT_OPEN,
+    "task.name": _one_of("copy", "reverse", "sort", "next_token"),
+    "task.length": _at_least(1),
+    "task.vocab_size": _at_least(4),
+    "task.batch_size": _at_least(1),
+    "task.eval_size": _at_least(1),
+    "task.eval_seed": _at_least(0),
+    "optim.learning_rate": _POSITIVE,
+    "optim.schedule": _one_of("noam", "warmup_cosine", "warmup_rsqrt", "warmup_constant"),
+    "optim.warmup_steps": _at_least(0),
+    "optim.b1": _UNIT_OPEN,
+    "optim.b2": _UNIT_OPEN,
+    "optim.eps": _POSITIVE,
+    "optim.weight_decay": _at_least(0),
+    "optim.clip_norm": _POSITIVE,
+    "optim.label_smoothing": _UNIT_OPEN,
+    "optim.accumulate_steps": _at_least(1),
+    "train.steps": _at_least(1),
+    "train.eval_every": _at_least(1),
+    "train.target_exact_match": _UNIT_CLOSED,
+    "train.run_dir": ((lambda v: v != ""), "a non-empty path or null"),
+    "train.seed": _at_least(0),
+    "train.steps_per_call": _at_least(1),
+}
+
+
+def _cross_field_errors(config: Config):
+    """Messages for constraints between keys, in order of importance."""
+    m, t = config.model, config.task
+    if m.d_model % m.num_heads:
+        yield (
+            f"model.d_model must be divisible by model.num_heads; "
+            f"got d_model={m.d_model}, num_heads={m.num_heads}"
+        )
+    elif m.positions == "rotary" and (m.d_model // m.num_heads) % 2:
+        yield (
+            f"model.positions=rotary needs an even head dim model.d_model / model.num_heads; "
+            f"got {m.d_model} / {m.num_heads} = {m.d_model // m.num_heads}"
+        )
+    if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
+        yield (
+            f"model.num_heads must be divisible by model.num_kv_heads; "
+            f"got num_heads={m.num_heads}, num_kv_heads={m.num_kv_heads}"
+        )
+    if m.max_len < 2 * t.length + 2:
+        yield (
+            f"model.max_len must be >= 2 * task.length + 2 = {2 * t.length + 2} "
+            f"(the sequence length of task {t.name!r}); got {m.max_len}"
+        )
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, but ``1e-3`` is a float (YAML 1.2) rather than the string PyYAML makes."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes strings such as ``'1e-3'`` that ``_Loader`` would read back as floats."""
+
+
+_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _parse_yaml(text: str, source: str):
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"invalid YAML in {source}: {problem}{where}") from None
+
+
+def _show(value) -> str:
+    """A value as the user wrote it, one line, truncated."""
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unknown(key: str) -> ConfigError:
+    """Unknown dotted key: suggest the closest valid key, else list the allowed ones."""
+    section, _, leaf = key.rpartition(".")
+    close = [k for k in _KEYS if k.rpartition(".")[2] == leaf]  # right key, wrong section
+    if not close and section in _SECTIONS:
+        leaves = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        close = [f"{section}.{m}" for m in difflib.get_close_matches(leaf, leaves, n=1)]
+    elif not close:
+        close = difflib.get_close_matches(key, [*_TOP_KEYS, *_KEYS], n=1)
+    if close:
+        return ConfigError(
+            f"unknown config key {key!r}; did you mean " + " or ".join(map(repr, close)) + "?"
+        )
+    if section in _SECTIONS:
+        allowed = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
+        return ConfigError(f"unknown config key {key!r}; allowed keys in {section}: {allowed}")
+    return ConfigError(
+        f"unknown config key {key!r}; allowed top-level keys: {', '.join(_TOP_KEYS)}"
+    )
+
+
+def _merge(raw: dict, data: dict, source: str) -> None:
+    """Fold a parsed ``{name, section: {key: value}}`` mapping from ``source`` into ``raw``."""
+    for key, value in data.items():
+        key = str(key)
+        if key == "name":
+            raw["name"] = value
+        elif key not in _SECTIONS:
+            raise _unknown(key)
+        elif value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{source}: section {key!r} must be a mapping of its keys, "
+                    f"got {_show(value)} ({type(value).__name__})"
+                )
+            for sub, sub_value in value.items():
+                if f"{key}.{sub}" not in _KEYS:
+                    raise _unknown(f"{key}.{sub}")
+                raw[key][str(sub)] = sub_value
+
+
+def _override(text: str) -> dict:
+    """``'train.steps=500'`` -> ``{'train': {'steps': 500}}``."""
+    key, eq, value = text.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"override {text!r} must look like key.sub=value, e.g. train.steps=500")
+    parsed = _parse_yaml(value, f"override {text!r}")
+    parts = key.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] not in _SECTIONS):
+        raise _unknown(key)
+    return {parts[0]: {parts[1]: parsed}} if len(parts) == 2 else {key: parsed}
+
+
+def _check(key: str, value):
+    """The value of ``key`` with its type and range checked (ints widen to floats)."""
+    base, optional = _KEYS[key]
+    if value is None and optional:
+        return None
+    is_bool = isinstance(value, bool)
+    ok = {
+        bool: is_bool,
+        int: isinstance(value, int) and not is_bool,
+        float: isinstance(value, (int, float)) and not is_bool,
+        str: isinstance(value, str),
+    }[base]
+    if not ok:
+        wanted = _TYPE_NAMES[base] + (" or null" if optional else "")
+        raise ConfigError(f"{key} must be {wanted}, got {_show(value)} ({type(value).__name__})")
+    if base is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite float, got {_show(value)}")
+    rule = _RULES.get(key)
+    if rule is not None and not rule[0](value):
+        raise ConfigError(f"{key} must be {rule[1]}; got {_show(value)}")
+    return value
+
+
+def load_config(path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides, validate, and build a Config.
+
+    Raises ConfigError (one line naming the key, the bad value and what is allowed).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    data = _parse_yaml(text, str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} must be a mapping with keys {', '.join(_TOP_KEYS)}, got {type(data).__name__}"
+        )
+    raw: dict = {"name": path.stem, **{s: {} for s in _SECTIONS}}
+    _merge(raw, data, str(path))
+    for text in overrides:
+        _merge(raw, _override(text), f"override {text!r}")
+    sections = {
+        s: cls(**{k: _check(f"{s}.{k}", v) for k, v in raw[s].items()})
+        for s, cls in _SECTIONS.items()
+    }
+    config = Config(name=_check("name", raw["name"]), **sections)
+    error = next(_cross_field_errors(config), None)
+    if error:
+        raise ConfigError(error)
+    return config
+
+
+def save_config(config: Config, path) -> None:
+    """Write ``config`` as YAML (name, model, task, optim, train) that load_config reads back."""
+    text = yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    Path(path).write_text(f"# resolved config of run {config.name!r}, written by jaxattn\n{text}")
+
+
+def run_dir_for(config: Config) -> Path:
+    """``train.run_dir`` if set, else ``runs/<name>``."""
+    return Path(config.train.run_dir) if config.train.run_dir else Path("runs") / config.name

@@ -37,6 +37,12 @@ def build_model(config: Config, seed: int | None = None) -> TinyDecoder:
     return TinyDecoder(config.model, config.task.vocab_size, rngs=nnx.Rngs(params=seed))
 
 
+def updates(config: Config) -> int:
+    """Optimizer updates in a run: ``train.steps`` counts micro-batches, and
+    ``optim.accumulate_steps`` of them make one update (what the schedules count)."""
+    return max(1, -(-config.train.steps // config.optim.accumulate_steps))
+
+
 def loss_fn(params, graphdef, batch: tasks.Batch, key, label_smoothing: float):
     """Mean label-smoothed cross-entropy over scored tokens, and the token accuracy."""
     model = nnx.merge(graphdef, params)
@@ -174,7 +180,9 @@ def _train_into(config: Config, run_dir: Path, log):
     save_config(config, run_dir / "config.yaml")
     model = build_model(config)
     graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = make_optimizer(config.optim, d_model=config.model.d_model, total_steps=tc.steps)
+    optimizer = make_optimizer(
+        config.optim, d_model=config.model.d_model, total_steps=updates(config)
+    )
     opt_state = optimizer.init(params)
     chunk_fn = make_train_chunk(config, graphdef, optimizer)
     evaluate = make_eval_fn(config, graphdef)

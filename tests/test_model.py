@@ -12,8 +12,7 @@ from flax import nnx
 
 from jaxattn.config import ModelConfig
 from jaxattn.decoding import generate
-from jaxattn.model import TinyDecoder
-from jaxattn.model import count_params
+from jaxattn.model import TinyDecoder, count_params
 
 CFG = ModelConfig(d_model=16, num_layers=2, num_heads=4, d_ff=32, max_len=16)
 TOKENS = jax.random.randint(jax.random.key(0), (3, 7), 0, 11)
@@ -72,7 +71,7 @@ def test_dropout_needs_a_key():
 
 
 def test_too_long_input_is_refused():
-    with pytest.raises(ValueError, match="tokens have length 17 but model.max_len is 16"):
+    with pytest.raises(ValueError, match=r"tokens have length 17 but model\.max_len is 16"):
         model()(jnp.zeros((1, 17), jnp.int32))
 
 

@@ -1,0 +1,162 @@
+"""Synthetic sequence tasks, drawn on device from a PRNG key.
+
+Every task with length ``L`` (``task.length``) lays out one sequence of ``2L + 2`` tokens::
+
+    BOS x1 .. xL SEP y1 .. yL
+
+with ``xi`` drawn uniformly from the symbols ``[FIRST_SYMBOL, vocab_size)`` and ``y`` the
+answer:
+
+- ``copy``: ``y = x``;
+- ``reverse``: ``y = x`` reversed;
+- ``sort``: ``y = x`` sorted ascending;
+- ``next_token``: the same sequence as ``copy``, but every token after BOS is scored (plain
+  language modelling) instead of only the answer.
+
+Training is next-token prediction: ``inputs = seq[:, :-1]`` and ``targets = seq[:, 1:]``,
+both ``[B, 2L + 1]``. ``loss_mask`` says which target positions are scored.
+
+Token ids: ``PAD = 0`` (never produced here; reserved for padded batches), ``BOS = 1``,
+``SEP = 2``, symbols ``3 .. vocab_size - 1``.
+
+The task config is static (a frozen, hashable dataclass) and so is the batch size, so
+``jax.jit(make_batch, static_argnums=(0, 2))`` compiles one program per task and size.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.config import TaskConfig
+
+__all__ = [
+    "BOS",
+    "FIRST_SYMBOL",
+    "PAD",
+    "SEP",
+    "TASKS",
+    "Batch",
+    "answer_length",
+    "eval_batch",
+    "make_batch",
+    "make_sequences",
+    "prompt_length",
+]
+
+PAD, BOS, SEP, FIRST_SYMBOL = 0, 1, 2, 3
+TASKS = ("copy", "reverse", "sort", "next_token")
+
+
+class Batch(NamedTuple):
+    """One batch framed as next-token prediction.
+
+    inputs: int32 ``[B, 2L + 1]``, the sequence without its last token.
+    targets: int32 ``[B, 2L + 1]``, the sequence without BOS (``targets[:, t]`` follows
+        ``inputs[:, : t + 1]``).
+    loss_mask: float32 ``[B, 2L + 1]``, 1.0 where the target is scored, else 0.0.
+    """
+
+    inputs: jax.Array
+    targets: jax.Array
+    loss_mask: jax.Array
+
+
+def _validate(task: TaskConfig) -> None:
+    if task.name not in TASKS:
+        raise ValueError(f"task.name must be one of {', '.join(TASKS)}; got {task.name!r}")
+    if isinstance(task.vocab_size, bool) or not isinstance(task.vocab_size, int):
+        raise ValueError(f"task.vocab_size must be an int, got {task.vocab_size!r}")
+    if task.vocab_size < FIRST_SYMBOL + 1:
+        # PAD, BOS and SEP take ids 0..2, so fewer than 4 ids leave no symbol to draw.
+        raise ValueError(
+            f"task.vocab_size must be >= {FIRST_SYMBOL + 1} (PAD, BOS, SEP and at least one "
+            f"symbol); got {task.vocab_size}"
+        )
+    if isinstance(task.length, bool) or not isinstance(task.length, int) or task.length < 1:
+        raise ValueError(f"task.length must be an int >= 1; got {task.length!r}")
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int (a static size), got {batch_size!r}")
+    return batch_size
+
+
+def prompt_length(task: TaskConfig) -> int:
+    """Tokens given to greedy decoding: ``BOS x1 .. xL SEP``, i.e. ``L + 2``."""
+    _validate(task)
+    return task.length + 2
+
+
+def answer_length(task: TaskConfig) -> int:
+    """Tokens greedy decoding must produce after the prompt: ``y1 .. yL``, i.e. ``L``."""
+    _validate(task)
+    return task.length
+
+
+def make_sequences(task: TaskConfig, key: jax.Array, batch_size: int) -> jax.Array:
+    """Full sequences ``BOS x SEP y``: int32 ``[B, 2L + 2]`` with ``B = batch_size``.
+
+    ``key`` is a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``); the same key, task
+    and batch size always give the same sequences.
+    """
+    _validate(task)
+    b, length = _check_batch_size(batch_size), task.length
+    x = jax.random.randint(key, (b, length), FIRST_SYMBOL, task.vocab_size, dtype=jnp.int32)
+    if task.name == "reverse":
+        y = x[:, ::-1]
+    elif task.name == "sort":
+        y = jnp.sort(x, axis=1)
+    else:  # copy, next_token
+        y = x
+    bos = jnp.full((b, 1), BOS, jnp.int32)
+    sep = jnp.full((b, 1), SEP, jnp.int32)
+    return jnp.concatenate([bos, x, sep, y], axis=1)
+
+
+def _loss_mask_row(task: TaskConfig) -> jax.Array:
+    """float32 ``[2L + 1]``: which target positions are scored."""
+    n = 2 * task.length + 1
+    if task.name == "next_token":
+        return jnp.ones((n,), jnp.float32)
+    # Target index t holds sequence position t + 1, and y1..yL sit at positions L+2..2L+1,
+    # so the answer is targets[L+1:]. Predicting x is impossible (it is random), and SEP
+    # is a constant, so only the answer is scored.
+    return (jnp.arange(n) >= task.length + 1).astype(jnp.float32)
+
+
+def make_batch(task: TaskConfig, key: jax.Array, batch_size: int) -> Batch:
+    """A training batch of ``batch_size`` fresh sequences drawn from ``key``.
+
+    Returns a :class:`Batch` with ``inputs``/``targets`` int32 ``[B, 2L + 1]`` and
+    ``loss_mask`` float32 ``[B, 2L + 1]``: for ``copy``, ``reverse`` and ``sort`` 1.0 on the
+    ``L`` answer targets ``y1 .. yL`` only (``targets[:, L + 1:]``); for ``next_token`` 1.0
+    on every target (every token after BOS).
+
+    Jittable with ``task`` and ``batch_size`` static: ``jax.jit(make_batch,
+    static_argnums=(0, 2))``.
+    """
+    seq = make_sequences(task, key, batch_size)
+    row = _loss_mask_row(task)
+    mask = jnp.broadcast_to(row[None, :], (batch_size, row.shape[0]))
+    return Batch(inputs=seq[:, :-1], targets=seq[:, 1:], loss_mask=mask)
+
+
+def eval_batch(task: TaskConfig) -> Batch:
+    """The held-out set: ``task.eval_size`` sequences from ``jax.random.key(task.eval_seed)``.
+
+    Fixed for a task config, so every evaluation of a run (and of runs with the same task)
+    scores the same sequences. The trainer draws its batches from keys derived from
+    ``train.seed``, never from ``eval_seed``, so this batch is never trained on. Note that
+    this keeps the *draws* apart, not the sequences: when the number of distinct inputs,
+    ``(vocab_size - 3) ** L``, is small, training batches will contain the same sequences
+    by chance, and the held-out score then measures memorisation as much as generalisation.
+    """
+    _validate(task)
+    size = task.eval_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"task.eval_size must be an int >= 1; got {size!r}")
+    return make_batch(task, jax.random.key(task.eval_seed), size)

@@ -1,0 +1,339 @@
+"""Config loading, overrides, round trip, and the one-line error messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jaxattn.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    TaskConfig,
+    load_config,
+    run_dir_for,
+    save_config,
+    to_dict,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+TINY = CONFIGS / "tiny.yaml"
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error(path, overrides=()) -> str:
+    """The ConfigError message, checked to be one line."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------------------ shipped configs
+
+
+def test_configs_are_shipped():
+    assert {p.stem for p in SHIPPED} >= {"tiny", "reverse", "sort", "next_token"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_config_loads(path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert config.name == path.stem
+    assert config.model.max_len >= 2 * config.task.length + 2
+    assert run_dir_for(config) == Path("runs") / path.stem
+    if path.stem != "tiny":
+        assert config.task.name == path.stem
+
+
+def test_tiny_values():
+    c = load_config(TINY)
+    assert c.model == ModelConfig(max_len=32)
+    assert c.task == TaskConfig(name="copy", length=10, vocab_size=16)
+    assert c.optim.learning_rate == pytest.approx(3e-3)
+    assert c.optim.eps == pytest.approx(1e-9)
+    assert (c.optim.schedule, c.optim.clip_norm) == ("warmup_cosine", 1.0)
+    assert (c.train.steps, c.train.target_exact_match, c.train.run_dir) == (1500, 1.0, None)
+
+
+def test_tiny_documents_every_field():
+    text = TINY.read_text()
+    assert "python train.py --config configs/tiny.yaml" in text
+    data = yaml.safe_load(text)
+    for section, values in to_dict(Config()).items():
+        if section == "name":
+            assert re.search(r"^# name: .*#", text, re.M)
+            continue
+        assert set(data[section]) == set(values), section
+        for key in values:
+            assert re.search(rf"^  {key}: .*# \w", text, re.M), f"{section}.{key} has no comment"
+
+
+# ---------------------------------------------------------------------------------- overrides
+
+
+def test_default_name_is_file_stem(tmp_path):
+    assert load_config(write(tmp_path, "", "my-run.yaml")).name == "my-run"
+    assert load_config(write(tmp_path, "name: other\n")).name == "other"
+
+
+def test_missing_sections_take_defaults(tmp_path):
+    config = load_config(write(tmp_path, "model:\ntask: {}\n"))
+    assert config == Config(name="exp")
+
+
+def test_overrides_of_each_type():
+    config = load_config(
+        TINY,
+        [
+            "train.steps=500",  # int
+            "optim.learning_rate=1e-3",  # float in exponent form
+            "optim.weight_decay=1",  # int widened to float
+            "train.progress=false",  # bool
+            "optim.clip_norm=null",  # null
+            "model.num_kv_heads=2",  # int into an optional field
+            "model.positions=rotary",  # string
+            "train.run_dir=/tmp/somewhere",  # string into an optional field
+            "name=foo",  # top-level
+        ],
+    )
+    assert config.train.steps == 500
+    assert config.optim.learning_rate == pytest.approx(1e-3)
+    assert isinstance(config.optim.weight_decay, float) and config.optim.weight_decay == 1.0
+    assert config.train.progress is False
+    assert config.optim.clip_norm is None
+    assert config.model.num_kv_heads == 2
+    assert config.model.positions == "rotary"
+    assert config.train.run_dir == "/tmp/somewhere"
+    assert run_dir_for(config) == Path("/tmp/somewhere")
+    assert config.name == "foo"
+    assert run_dir_for(dataclasses.replace(config, train=load_config(TINY).train)) == Path(
+        "runs/foo"
+    )
+
+
+def test_later_override_wins_and_file_keys_kept(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 7\n  seed: 3\n")
+    config = load_config(path, ["train.steps=8", "train.steps=9"])
+    assert (config.train.steps, config.train.seed) == (9, 3)
+
+
+def test_exponent_floats_in_file(tmp_path):
+    config = load_config(write(tmp_path, "optim:\n  learning_rate: 5e-4\n  eps: 1E-8\n"))
+    assert config.optim.learning_rate == pytest.approx(5e-4)
+    assert config.optim.eps == pytest.approx(1e-8)
+
+
+# --------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["optim.clip_norm=null", "model.num_kv_heads=1", "train.run_dir=out/x", "name='1e3'"],
+        ["optim.learning_rate=1e-4", "optim.eps=1e-12", "train.progress=false"],
+    ],
+)
+def test_save_load_round_trip(tmp_path, overrides):
+    config = load_config(TINY, overrides)
+    path = tmp_path / "saved" / "config.yaml"
+    path.parent.mkdir()
+    save_config(config, path)
+    assert load_config(path) == config
+    assert list(yaml.safe_load(path.read_text())) == ["name", "model", "task", "optim", "train"]
+
+
+# ----------------------------------------------------------------------------- error messages
+
+
+def test_unknown_key_with_suggestion(tmp_path):
+    message = error(write(tmp_path, "train:\n  setps: 10\n"))
+    assert message == "unknown config key 'train.setps'; did you mean 'train.steps'?"
+    assert error(TINY, ["train.setps=5"]) == message
+    assert "did you mean 'model.d_model'?" in error(TINY, ["modle.d_model=5"])
+    assert "did you mean 'train'?" in error(write(tmp_path, "trian:\n  steps: 1\n"))
+    # The right key in the wrong section.
+    assert "did you mean 'train.steps'?" in error(TINY, ["model.steps=5"])
+
+
+def test_unknown_key_without_close_match(tmp_path):
+    message = error(TINY, ["train.zzz=1"])
+    assert message.startswith("unknown config key 'train.zzz'; allowed keys in train: steps, ")
+    assert "target_exact_match" in message and "progress" in message
+    message = error(write(tmp_path, "qqqq: 1\n"))
+    expected = "unknown config key 'qqqq'; allowed top-level keys: name, model, task, optim, train"
+    assert message == expected
+    assert "unknown config key 'model.d_model.x'" in error(TINY, ["model.d_model.x=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.steps=10x", "train.steps must be an int, got '10x' (str)"),
+        ("train.steps=true", "train.steps must be an int, got true (bool)"),
+        ("train.steps=1.5", "train.steps must be an int, got 1.5 (float)"),
+        ("train.steps=null", "train.steps must be an int, got null (NoneType)"),
+        ("model.num_kv_heads=two", "model.num_kv_heads must be an int or null, got 'two' (str)"),
+        ("optim.learning_rate=fast", "optim.learning_rate must be a float, got 'fast' (str)"),
+        ("optim.learning_rate=false", "optim.learning_rate must be a float, got false (bool)"),
+        ("optim.clip_norm=[1]", "optim.clip_norm must be a float or null, got [1] (list)"),
+        ("optim.eps=.nan", "optim.eps must be a finite float, got nan"),
+        ("train.progress=1", "train.progress must be a bool (true or false), got 1 (int)"),
+        ("train.progress=yes please", "train.progress must be a bool (true or false), got"),
+        ("model.positions=3", "model.positions must be a string, got 3 (int)"),
+        ("name=null", "name must be a string, got null (NoneType)"),
+    ],
+)
+def test_wrong_type(override, expected):
+    assert error(TINY, [override]).startswith(expected)
+
+
+def test_wrong_type_in_file(tmp_path):
+    message = error(write(tmp_path, "train:\n  steps: '10x'\n"))
+    assert message == "train.steps must be an int, got '10x' (str)"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.steps=0", "train.steps must be >= 1; got 0"),
+        ("model.d_model=-64", "model.d_model must be >= 1; got -64"),
+        ("task.vocab_size=3", "task.vocab_size must be >= 4; got 3"),
+        ("train.target_exact_match=1.5", "train.target_exact_match must be in [0, 1]; got 1.5"),
+        ("model.dropout=1.0", "model.dropout must be in [0, 1); got 1.0"),
+        ("optim.label_smoothing=-0.1", "optim.label_smoothing must be in [0, 1); got -0.1"),
+        ("optim.learning_rate=0", "optim.learning_rate must be > 0; got 0.0"),
+        ("optim.b2=1", "optim.b2 must be in [0, 1); got 1.0"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0; got -1"),
+        ("optim.accumulate_steps=0", "optim.accumulate_steps must be >= 1; got 0"),
+        ("optim.clip_norm=0", "optim.clip_norm must be > 0; got 0.0"),
+        ("train.run_dir=''", "train.run_dir must be a non-empty path or null; got ''"),
+        ("name=a/b", "name must be a non-empty name of letters, digits, '_', '-' or '.'; got"),
+    ],
+)
+def test_out_of_range(override, expected):
+    assert error(TINY, [override]).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.positions=rope", "model.positions must be one of sinusoidal, learned, rotary"),
+        ("model.activation=swish", "model.activation must be one of relu, gelu; got 'swish'"),
+        ("model.norm=mid", "model.norm must be one of pre, post; got 'mid'"),
+        ("task.name=add", "task.name must be one of copy, reverse, sort, next_token; got 'add'"),
+        (
+            "optim.schedule=linear",
+            "optim.schedule must be one of noam, warmup_cosine, warmup_rsqrt, warmup_constant;"
+            " got 'linear'",
+        ),
+    ],
+)
+def test_not_in_allowed_set(override, expected):
+    assert error(TINY, [override]).startswith(expected)
+    assert error(TINY, ["model.positions=rope"]).endswith("; got 'rope'")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["model.d_model=62"],
+            "model.d_model must be divisible by model.num_heads; got d_model=62, num_heads=4",
+        ),
+        (
+            ["model.num_kv_heads=3"],
+            "model.num_heads must be divisible by model.num_kv_heads; got num_heads=4,"
+            " num_kv_heads=3",
+        ),
+        (
+            ["task.length=16"],
+            "model.max_len must be >= 2 * task.length + 2 = 34 (the sequence length of task"
+            " 'copy'); got 32",
+        ),
+        (
+            ["model.positions=rotary", "model.d_model=36"],
+            "model.positions=rotary needs an even head dim model.d_model / model.num_heads;"
+            " got 36 / 4 = 9",
+        ),
+    ],
+)
+def test_cross_field(overrides, expected):
+    assert error(TINY, overrides) == expected
+
+
+def test_cross_field_boundaries_pass():
+    assert load_config(TINY, ["task.length=15"]).model.max_len == 32  # 2 * 15 + 2 = 32
+    assert load_config(TINY, ["model.num_kv_heads=4"]).model.num_kv_heads == 4
+    assert load_config(TINY, ["model.positions=rotary", "model.d_model=32"]).model.d_model == 32
+
+
+@pytest.mark.parametrize("override", ["train.steps", "=5", ""])
+def test_malformed_override(override):
+    message = error(TINY, [override])
+    assert message.startswith(f"override {override!r} must look like key.sub=value")
+
+
+def test_override_with_bad_yaml_value():
+    assert error(TINY, ["train.steps=[1"]).startswith("invalid YAML in override 'train.steps=[1'")
+
+
+def test_override_of_whole_section():
+    message = error(TINY, ["model=5"])
+    assert (
+        message == "override 'model=5': section 'model' must be a mapping of its keys, got 5 (int)"
+    )
+    assert load_config(TINY, ["model={d_model: 32}"]).model.d_model == 32
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    assert error(path) == f"config file not found: {path}"
+
+
+def test_directory_instead_of_file(tmp_path):
+    assert error(tmp_path).startswith(f"cannot read config file {tmp_path}")
+
+
+def test_bad_yaml(tmp_path):
+    path = write(tmp_path, "model:\n  d_model: [64\n  num_heads: 4\n")
+    message = error(path)
+    assert message.startswith(f"invalid YAML in {path}: ")
+    assert "line" in message
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    path = write(tmp_path, "- 1\n- 2\n")
+    assert error(path).startswith(f"{path} must be a mapping with keys name, model, task")
+
+
+def test_section_not_a_mapping(tmp_path):
+    path = write(tmp_path, "model: 64\n")
+    expected = f"{path}: section 'model' must be a mapping of its keys, got 64 (int)"
+    assert error(path) == expected
+    path = write(tmp_path, "train:\n  - steps\n")
+    assert "section 'train' must be a mapping of its keys, got ['steps'] (list)" in error(path)
+
+
+def test_config_error_is_value_error_and_one_line():
+    assert issubclass(ConfigError, ValueError)
+    assert str(ConfigError("a\nb")) == "a b"
+
+
+def test_every_rule_names_a_real_key():
+    from jaxattn.config import _KEYS, _RULES
+
+    assert set(_RULES) <= set(_KEYS)
