@@ -42,7 +42,7 @@ class TinyDecoder(nnx.Module):
 
     def __call__(self, tokens, *, key=None, return_attention: bool = False):
         cfg = self.config
-        b, t = tokens.shape
+        t = tokens.shape[1]
         if t > cfg.max_len:
             raise ValueError(f"tokens have length {t} but model.max_len is {cfg.max_len}")
         x = self.embed(tokens) * math.sqrt(cfg.d_model)
