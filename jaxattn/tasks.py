@@ -145,8 +145,19 @@ def make_batch(task: TaskConfig, key: jax.Array, batch_size: int) -> Batch:
     return Batch(inputs=seq[:, :-1], targets=seq[:, 1:], loss_mask=mask)
 
 
+# The trainer's PRNG: "rbg" compiles several times faster than the default threefry on CPU
+# (measured: about 1 s of a 10 s training run went into compiling threefry kernels), and is
+# as deterministic for a given seed and backend.
+PRNG_IMPL = "rbg"
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key the trainer and the held-out set derive everything from."""
+    return jax.random.key(seed, impl=PRNG_IMPL)
+
+
 def eval_batch(task: TaskConfig) -> Batch:
-    """The held-out set: ``task.eval_size`` sequences from ``jax.random.key(task.eval_seed)``.
+    """The held-out set: ``task.eval_size`` sequences from ``seed_key(task.eval_seed)``.
 
     Fixed for a task config, so every evaluation of a run (and of runs with the same task)
     scores the same sequences. The trainer draws its batches from keys derived from
@@ -159,4 +170,4 @@ def eval_batch(task: TaskConfig) -> Batch:
     size = task.eval_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"task.eval_size must be an int >= 1; got {size!r}")
-    return make_batch(task, jax.random.key(task.eval_seed), size)
+    return make_batch(task, seed_key(task.eval_seed), size)

@@ -158,3 +158,18 @@ def test_dataclass_configs_are_frozen(tmp_path):
     config = small_config(tmp_path)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.train.steps = 3  # type: ignore[misc]
+
+
+def test_exact_match_shortcut_equals_real_greedy_decoding(tmp_path):
+    """The one-pass exact-match agrees sequence by sequence with running generate()."""
+    from jaxattn.training import init_state, make_eval_fn
+
+    config = small_config(tmp_path, "task.eval_size=200")
+    optimizer = make_optimizer(config.optim, d_model=config.model.d_model, total_steps=1500)
+    graphdef, params, opt_state = init_state(config, optimizer)
+    chunk = make_train_chunk(config, graphdef, optimizer)
+    params, opt_state, _ = chunk(params, opt_state, jax.random.key(0), 0, 150)
+    fast = make_eval_fn(config, graphdef)(params)
+    slow = make_eval_fn(config, graphdef, decode=True)(params)
+    assert 0.0 < float(slow["exact_match"]) < 1.0  # partly trained: the comparison has teeth
+    np.testing.assert_array_equal(fast["correct"], slow["correct"])

@@ -1,0 +1,81 @@
+"""Time-to-solve of the shipped configs, whole process included (import, compile, train, eval,
+checkpoint), as a user meets it.
+
+    python benchmarks/train_speed.py                    # tiny.yaml, median of 3 runs
+    python benchmarks/train_speed.py --also reverse sort next_token --runs 1
+
+Each run is ``python train.py --config configs/<name>.yaml`` in a fresh process writing to a
+temporary run directory; wall seconds are measured around the process. Steps/s is steps
+divided by the training loop's seconds (compilation and evaluations included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_once(config: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "train.py"),
+                "--config",
+                str(ROOT / "configs" / f"{config}.yaml"),
+                f"train.run_dir={run_dir}",
+                "train.progress=false",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{config} failed:\n{proc.stderr[-2000:]}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "wall_s": wall,
+        "steps": summary["steps"],
+        "steps_per_s": summary["steps"] / summary["seconds"],
+        "exact_match": summary["exact_match"],
+        "reached": summary["reached_target"],
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs of tiny.yaml (median)")
+    parser.add_argument("--also", nargs="*", default=[], help="more configs, one run each")
+    args = parser.parse_args(argv)
+    print(f"machine: {machine()}\n")
+    print("| config | runs | wall s (median) | wall s (all) | steps | steps/s | exact | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    for config in ["tiny", *args.also]:
+        runs = [run_once(config) for _ in range(args.runs if config == "tiny" else 1)]
+        mid = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+        walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs)
+        print(
+            f"| {config} | {len(runs)} | {statistics.median(r['wall_s'] for r in runs):.1f} | "
+            f"{walls} | {mid['steps']} | {mid['steps_per_s']:.0f} | "
+            f"{min(r['exact_match'] for r in runs):.4f} | "
+            f"{'reached' if all(r['reached'] for r in runs) else 'NOT reached'} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
