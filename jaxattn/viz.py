@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,46 @@ def plot_training_curves(metrics_jsonl, path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def draw_run(run_dir, *, example: int = 0) -> list[Path]:
+    """Write ``attention.png`` (every layer and head on one held-out sequence) and
+    ``curves.png`` (loss and exact-match against step) into a finished run directory."""
+    from jaxattn import tasks
+    from jaxattn.training import load_run
+
+    run_dir = Path(run_dir)
+    model, config = load_run(run_dir)
+    batch = tasks.eval_batch(config.task)
+    if not 0 <= example < batch.inputs.shape[0]:
+        raise ValueError(f"example must be in [0, {batch.inputs.shape[0]}), got {example}")
+    tokens = batch.inputs[example : example + 1]
+    _, weights = model(tokens, return_attention=True)  # [L, 1, N, T, T]
+    title = f"{config.name}: {config.task.name}, held-out sequence {example}"
+    paths = [plot_attention(weights[:, 0], tokens[0], run_dir / "attention.png", title=title)]
+    paths.append(plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png"))
+    return paths
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxattn.viz",
+        description="Draw attention heatmaps and training curves of a finished run.",
+    )
+    parser.add_argument("run_dir", help="a run directory written by train.py, e.g. runs/tiny")
+    parser.add_argument("--example", type=int, default=0, help="held-out sequence to show")
+    args = parser.parse_args(argv)
+    try:
+        paths = draw_run(args.run_dir, example=args.example)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"jaxattn.viz: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
