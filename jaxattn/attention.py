@@ -296,7 +296,8 @@ def dot_product_attention(
       scale: logit multiplier, default ``1 / sqrt(H)``; may be a traced scalar.
       is_causal: AND the mask with :func:`jaxattn.causal_mask` (bottom-right aligned when
         ``T != S``: query ``t`` sees keys up to ``t + S - T``).
-      return_weights: also return the attention weights ``[..., N, T, S]`` (float32).
+      return_weights: also return the attention weights ``[..., N, T, S]`` (float32; float64
+        for float64 inputs).
       implementation: ``None`` (pick the best available path) or ``"reference"``.
 
     Returns:

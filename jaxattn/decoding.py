@@ -10,7 +10,8 @@ from flax import nnx
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _greedy(graphdef, state, prompts, max_new_tokens: int):
+def greedy_tokens(graphdef, state, prompts, max_new_tokens: int):
+    """:func:`generate` on a split model (``nnx.split``): usable inside a jitted function."""
     model = nnx.merge(graphdef, state)
     b, p = prompts.shape
     total = p + max_new_tokens
@@ -55,4 +56,4 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int) -> jax.Array:
             f"model.max_len {max_len}"
         )
     graphdef, state = nnx.split(model)
-    return _greedy(graphdef, state, prompts.astype(jnp.int32), max_new_tokens)
+    return greedy_tokens(graphdef, state, prompts.astype(jnp.int32), max_new_tokens)

@@ -25,7 +25,8 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _split(key, n: int):
+def split_keys(key, n: int):
+    """``n`` keys from ``key``, or ``n`` Nones when ``key`` is None (evaluation)."""
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
@@ -133,7 +134,7 @@ class DecoderBlock(nnx.Module):
         self.norm2 = nnx.LayerNorm(config.d_model, rngs=rngs)
 
     def __call__(self, x, *, key=None, return_weights: bool = False):
-        k_attn, k_drop1, k_ff, k_drop2 = _split(key, 4)
+        k_attn, k_drop1, k_ff, k_drop2 = split_keys(key, 4)
         h = self.norm1(x) if self.pre_norm else x
         attn = self.attention(h, key=k_attn, return_weights=return_weights)
         attn, weights = attn if return_weights else (attn, None)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.config import ModelConfig
-from jaxattn.layers import DecoderBlock, _split, dropout, sinusoidal_positions
+from jaxattn.layers import DecoderBlock, dropout, sinusoidal_positions, split_keys
 
 __all__ = ["ModelConfig", "TinyDecoder"]
 
@@ -50,7 +50,7 @@ class TinyDecoder(nnx.Module):
             x = x + sinusoidal_positions(t, cfg.d_model)[None]
         elif cfg.positions == "learned":
             x = x + self.position_embed(jnp.arange(t))[None]
-        keys = _split(key, len(self.blocks) + 1)
+        keys = split_keys(key, len(self.blocks) + 1)
         x = dropout(x, cfg.dropout, keys[-1])
         weights = []
         for block, k in zip(self.blocks, keys[:-1], strict=False):

@@ -7,24 +7,24 @@ parameter and optimizer buffers donated, so Python runs once per chunk, not once
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from jaxattn import tasks
 from jaxattn.config import Config, run_dir_for, save_config
-from jaxattn.decoding import _greedy
+from jaxattn.decoding import greedy_tokens
 from jaxattn.model import TinyDecoder
 from jaxattn.optim import cross_entropy, make_optimizer, make_schedule, token_accuracy
 
@@ -112,7 +112,7 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
         acc = token_accuracy(logits, batch.targets, batch.loss_mask)
         if decode:
             prompts = jnp.concatenate([batch.inputs[:, :1], batch.targets[:, :first]], axis=1)
-            predicted = _greedy(graphdef, params, prompts, answer_len)[:, prompt_len:]
+            predicted = greedy_tokens(graphdef, params, prompts, answer_len)[:, prompt_len:]
         else:
             predicted = jnp.argmax(logits[:, first:], axis=-1)
         correct = jnp.all(predicted == batch.targets[:, first:], axis=1)
@@ -126,10 +126,15 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
     return evaluate
 
 
+def abstract_model(config: Config):
+    """``(graphdef, params)`` of the model with shapes only (no memory, no compute)."""
+    return nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
+
+
 def init_state(config: Config, optimizer: optax.GradientTransformation):
     """``(graphdef, params, opt_state)``, initialised in one compiled call: eager NNX
     initialisation dispatches (and compiles) every small op one by one, seconds on CPU."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
+    graphdef, _ = abstract_model(config)
 
     @jax.jit
     def init():
@@ -139,36 +144,13 @@ def init_state(config: Config, optimizer: optax.GradientTransformation):
     return (graphdef, *init())
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
-    steps: int  # optimizer steps taken
+    steps: int  # training steps (micro-batches) taken
     metrics: dict  # the last evaluation
     reached_target: bool
-    seconds: float  # wall time of the loop, compile included
-
-
-class _Progress:
-    """A one-line progress bar on stderr (tqdm when it is installed and enabled)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:  # pragma: no cover - tqdm is a dependency
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, n: int, postfix: dict):
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+    seconds: float  # wall time of the run: set-up, compilation, training, evaluation
 
 
 def _chunks(total: int, size: int, eval_every: int):
@@ -202,10 +184,10 @@ def train(config: Config, *, log=print) -> TrainResult:
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    return TrainResult(final_dir, result[0], result[1], result[2], result[3])
+    return dataclasses.replace(result, run_dir=final_dir)
 
 
-def _train_into(config: Config, run_dir: Path, log):
+def _train_into(config: Config, run_dir: Path, log) -> TrainResult:
     start = time.perf_counter()
     tc = config.train
     save_config(config, run_dir / "config.yaml")
@@ -217,7 +199,9 @@ def _train_into(config: Config, run_dir: Path, log):
     evaluate = make_eval_fn(config, graphdef)
     base_key = tasks.seed_key(tc.seed)
 
-    progress = _Progress(tc.steps, tc.progress)
+    progress = tqdm(
+        total=tc.steps, unit="step", dynamic_ncols=True, file=sys.stderr, disable=not tc.progress
+    )
     last_eval: dict = {}
     reached = False
     step = steady_steps = 0
@@ -253,7 +237,8 @@ def _train_into(config: Config, run_dir: Path, log):
                     metrics_file.flush()
                     postfix["exact"] = f"{last_eval['exact_match']:.3f}"
                     reached = last_eval["exact_match"] >= tc.target_exact_match
-                progress.update(n, postfix)
+                progress.set_postfix(postfix, refresh=False)
+                progress.update(n)
                 if reached:
                     break
         finally:
@@ -273,14 +258,13 @@ def _train_into(config: Config, run_dir: Path, log):
         f"{tc.target_exact_match:.3f}: {last_eval.get('exact_match', float('nan')):.4f} on "
         f"{config.task.eval_size} held-out sequences after {step} steps, {seconds:.1f} s"
     )
-    return step, last_eval, reached, seconds
+    return TrainResult(run_dir, step, last_eval, reached, seconds)
 
 
 def _save_checkpoint(run_dir: Path, params, opt_state, step: int):
     import orbax.checkpoint as ocp  # imported here: only the end of a run needs it
 
-    with contextlib.ExitStack() as stack:
-        ckpt = stack.enter_context(ocp.StandardCheckpointer())
+    with ocp.StandardCheckpointer() as ckpt:
         ckpt.save((run_dir / PARAMS_DIR).absolute(), nnx.to_pure_dict(params))
         ckpt.save(
             (run_dir / TRAIN_STATE_DIR).absolute(),
@@ -304,8 +288,7 @@ def load_run(run_dir) -> tuple[TinyDecoder, Config]:
             f"{run_dir} is not a finished run directory (expected config.yaml and {PARAMS_DIR}/)"
         )
     config = load_config(run_dir / "config.yaml")
-    abstract = nnx.eval_shape(lambda: build_model(config))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    graphdef, abstract_params = abstract_model(config)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_params)
     )

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-SPECIAL = {0: "PAD", 1: "BOS", 2: "SEP"}
-
 
 def _pyplot():
     try:
@@ -26,7 +24,10 @@ def _pyplot():
 
 
 def token_labels(tokens) -> list[str]:
-    return [SPECIAL.get(int(t), str(int(t))) for t in np.asarray(tokens)]
+    from jaxattn.tasks import BOS, PAD, SEP
+
+    special = {PAD: "PAD", BOS: "BOS", SEP: "SEP"}
+    return [special.get(int(t), str(int(t))) for t in np.asarray(tokens)]
 
 
 def plot_attention(weights, tokens, path, *, title: str | None = None) -> Path:
