@@ -14,11 +14,17 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxattn import flash
+from jaxattn.mask_spec import CausalMask, MaskSpec
 from jaxattn.masks import and_masks, causal_mask
 
 __all__ = ["IMPLEMENTATIONS", "dot_product_attention"]
 
-IMPLEMENTATIONS = (None, "reference")
+IMPLEMENTATIONS = (None, "reference", "flash", "cudnn")
+
+# implementation=None takes the blockwise path from this many (query, key) pairs per head:
+# below it the reference path's single fused pass wins (measured in benchmarks/attention.py).
+FLASH_MIN_PAIRS = 256 * 1024
 
 
 def _fmt(shape) -> str:
@@ -73,7 +79,14 @@ def _check_inputs(query, key, value, mask, bias, implementation):
             f"key has {k} heads but query has {n}; query heads must be a multiple of key heads"
         )
     target = (*batch, n, t, s)
-    if mask is not None:
+    if isinstance(mask, MaskSpec):
+        mb = mask.batch_shape()
+        if mb not in ((), batch):
+            raise ValueError(
+                f"mask has per-sequence values of batch shape {_fmt(mb)} but query has batch "
+                f"dims {_fmt(batch)}; they must be equal"
+            )
+    elif mask is not None:
         mask_dtype = getattr(mask, "dtype", None)
         if mask_dtype != jnp.bool_:
             raise ValueError(
@@ -268,7 +281,53 @@ def _reference(query, key, value, mask, bias, scale, return_weights, empty_rows,
     return out, weights.reshape((*batch, n, t, s))
 
 
-@functools.partial(jax.jit, static_argnames=("is_causal", "return_weights", "implementation"))
+def _check_blocks(block_sizes):
+    if block_sizes is None:
+        return None
+    ok = (
+        isinstance(block_sizes, tuple)
+        and len(block_sizes) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_sizes)
+    )
+    if not ok:
+        raise ValueError(
+            f"block_sizes must be a (block_q, block_k) tuple of positive ints, got {block_sizes!r}"
+        )
+    return block_sizes
+
+
+def _cudnn_refusal(query, value, mask, bias, is_causal, return_weights, dims):
+    """Why the cuDNN kernel (through ``jax.nn``) cannot serve this call, or None if it can.
+
+    Only cases whose semantics match ours exactly are sent there: no fully masked row can
+    arise (cuDNN's output on such rows is not specified), causal only when T == S (jax.nn
+    aligns causal top-left, we align bottom-right).
+    """
+    batch, t, s, _, _, _, h, hv = dims
+    if jax.default_backend() != "gpu":
+        return f"needs an NVIDIA GPU backend, this process runs on {jax.default_backend()!r}"
+    if query.dtype not in (jnp.float16, jnp.bfloat16):
+        return f"needs float16 or bfloat16 inputs, got {query.dtype}"
+    if len(batch) != 1:
+        return f"needs exactly one batch dim, got {len(batch)}"
+    if h != hv or h % 8 or h > 128:
+        return f"needs H == Hv, a multiple of 8 and <= 128, got H={h}, Hv={hv}"
+    if return_weights:
+        return "does not return weights"
+    if bias is not None:
+        return "is not used with a bias here"
+    if mask is not None and not (
+        type(mask) is CausalMask and mask.offset is None and t == s
+    ):
+        return "takes no mask here other than CausalMask() with T == S; use is_causal"
+    if is_causal and t != s:
+        return f"aligns causal masks top-left; needs T == S for is_causal, got T={t}, S={s}"
+    return None
+
+
+@functools.partial(
+    jax.jit, static_argnames=("is_causal", "return_weights", "implementation", "block_sizes")
+)
 def dot_product_attention(
     query,
     key,
@@ -280,6 +339,7 @@ def dot_product_attention(
     is_causal: bool = False,
     return_weights: bool = False,
     implementation: str | None = None,
+    block_sizes: tuple[int, int] | None = None,
 ):
     """Scaled dot-product attention, softmax(Q K^T * scale + bias, masked) V.
 
@@ -289,16 +349,26 @@ def dot_product_attention(
         ``1 < K < N`` grouped-query, ``K == 1`` multi-query; each key/value head serves
         ``G = N // K`` consecutive query heads and is never copied).
       value: ``[..., S, K, Hv]``; ``Hv`` may differ from ``H``.
-      mask: bool, True = may attend; broadcastable to ``[..., N, T, S]`` (see
-        :mod:`jaxattn.masks`). Float or int masks are refused: additive masks go in ``bias``.
+      mask: bool array, True = may attend, broadcastable to ``[..., N, T, S]`` (see
+        :mod:`jaxattn.masks`); or a structured mask (:class:`jaxattn.CausalMask`,
+        :class:`jaxattn.PaddingMask`, ... combined with ``&`` / ``|``), which the blockwise
+        path evaluates per block without building it. Float or int masks are refused:
+        additive masks go in ``bias``.
       bias: floating, broadcastable to ``[..., N, T, S]``, added to the scaled logits (ALiBi,
         relative positions, additive masks; ``-inf`` entries are allowed).
       scale: logit multiplier, default ``1 / sqrt(H)``; may be a traced scalar.
-      is_causal: AND the mask with :func:`jaxattn.causal_mask` (bottom-right aligned when
-        ``T != S``: query ``t`` sees keys up to ``t + S - T``).
+      is_causal: AND the mask with a causal mask (bottom-right aligned when ``T != S``: query
+        ``t`` sees keys up to ``t + S - T``).
       return_weights: also return the attention weights ``[..., N, T, S]`` (float32; float64
-        for float64 inputs).
-      implementation: ``None`` (pick the best available path) or ``"reference"``.
+        for float64 inputs). Only the reference path has them.
+      implementation: ``None`` picks the fastest path that serves the call: ``"cudnn"`` on an
+        NVIDIA GPU where it applies, else ``"flash"`` from ``FLASH_MIN_PAIRS`` (query, key)
+        pairs and ``"reference"`` below; ``"reference"`` materialises ``[..., N, T, S]``
+        weights; ``"flash"`` is blockwise (memory O(T), empty blocks skipped, see
+        :mod:`jaxattn.flash`); ``"cudnn"`` is ``jax.nn.dot_product_attention``'s fused GPU
+        kernel. Asking for a path that cannot serve the call raises ``ValueError``.
+      block_sizes: ``(block_q, block_k)`` of the flash path; default by backend
+        (``jaxattn.flash.DEFAULT_BLOCKS``).
 
     Returns:
       ``[..., T, N, Hv]`` in the input dtype, and the weights if asked for.
@@ -306,18 +376,51 @@ def dot_product_attention(
     Numerics and edges: query, key and value share one floating dtype; logits and softmax
     run in float32 and the output is cast back. A query row whose every key is masked
     (including by ``-inf`` bias, or rows ``t < T - S`` under ``is_causal`` with ``T > S``)
-    gets output 0, weights 0 and zero gradients. Every shape, head-count and dtype error is
-    a ``ValueError`` raised at trace time that names the argument.
+    gets output 0, weights 0 and zero gradients, on every path. Every shape, head-count and
+    dtype error is a ``ValueError`` raised at trace time that names the argument.
     """
     dims = _check_inputs(query, key, value, mask, bias, implementation)
+    block_sizes = _check_blocks(block_sizes)
     _, t, s, *_, h, _ = dims
     if scale is None:
         scale = 1.0 / math.sqrt(h)
+    scale = jnp.asarray(scale, _acc(query.dtype))
+    impl = implementation
+    if return_weights and impl not in (None, "reference"):
+        raise ValueError(
+            f"return_weights=True needs implementation='reference' (or None), got {impl!r}: "
+            "the other paths never build the [..., N, T, S] weights"
+        )
+    if impl in (None, "cudnn"):
+        why = _cudnn_refusal(query, value, mask, bias, is_causal, return_weights, dims)
+        if impl == "cudnn" and why is not None:
+            raise ValueError(f"implementation='cudnn' cannot serve this call: it {why}")
+        if why is None:
+            impl = "cudnn"
+    if impl is None:
+        impl = "flash" if t * s >= FLASH_MIN_PAIRS and not return_weights else "reference"
+
+    if impl == "cudnn":
+        causal = is_causal or mask is not None  # the only mask let through is CausalMask()
+        return jax.nn.dot_product_attention(
+            query, key, value, scale=scale, is_causal=causal, implementation="cudnn"
+        )
+    if impl == "flash":
+        spec = mask if isinstance(mask, MaskSpec) else None
+        dense = None if isinstance(mask, MaskSpec) else mask
+        if is_causal:
+            spec = CausalMask() if spec is None else spec & CausalMask()
+        bq, bk = block_sizes or flash.DEFAULT_BLOCKS.get(jax.default_backend(), (128, 128))
+        return flash.flash_attention(
+            query, key, value, spec=spec, mask=dense, bias=bias, scale=scale, block_q=bq,
+            block_k=bk,
+        )
     # Only a user mask, a bias (-inf entries) or causal attention with more queries than keys
     # can leave a query row with no key at all.
     empty_rows = mask is not None or bias is not None or (is_causal and t > s)
+    if isinstance(mask, MaskSpec):
+        mask = mask.materialize(t, s)
     if is_causal:
         causal = causal_mask(t, s)
         mask = causal if mask is None else and_masks(mask, causal)
-    scale = jnp.asarray(scale, _acc(query.dtype))
     return _reference(query, key, value, mask, bias, scale, return_weights, empty_rows, dims)

@@ -1,0 +1,464 @@
+"""Blockwise (FlashAttention-style) attention in pure JAX: memory O(T), empty blocks skipped.
+
+The forward keeps, per query row, the running max ``m``, the running sum ``l`` and the
+unnormalised output over key blocks (online softmax, Milakov & Gimelshein 2018; Dao et al.
+2022), and saves only the log-sum-exp ``lse = m + log l``. The backward (``jax.custom_vjp``)
+recomputes each block's probabilities from ``lse`` as FlashAttention-2 does (Dao 2023): an
+outer loop over key blocks carries dK and dV, dQ is accumulated in place. No ``T x S`` tensor
+exists in either pass.
+
+Work is cut into steps of one (sequence, key head, query block): the ``G`` query heads that
+share a key head are stacked along the query axis (``[G * block_q, H]``), so K and V are read
+once per group and never copied. Each (query block, key block) pair is classified from the
+mask's structure (:mod:`jaxattn.mask_spec`) or, for a bool array, by reducing it per block:
+
+- empty blocks are not visited: each query block walks a compacted list of its non-empty key
+  blocks (a ``while`` loop with a data-dependent trip count, so traced lengths work too);
+- full blocks skip the mask, and a run of consecutive full blocks is done as one wider
+  matmul (up to ``max(widths) * block_k`` keys), which runs nearer the machine's matmul rate;
+- partial blocks evaluate the mask from positions, at ``block_q x block_k`` memory.
+
+Loops are ``lax`` loops over a schedule table, so compile time does not grow with T.
+
+Numerics: logits, max, sum and accumulators in float32 (float64 for float64 inputs); masked
+logits get the same finite fill as the reference path so the running max stays finite; the
+probabilities are cast to the value dtype for the P V matmul (as fused kernels do). A row that
+sees no key ends with ``m == fill``: its output is 0 and its ``lse`` is ``+inf``, which makes
+its recomputed probabilities, and so all its gradients, exactly 0.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["DEFAULT_BLOCKS", "WIDTHS", "flash_attention"]
+
+# (block_q, block_k) by backend. On CPU a 512 x 512 float32 block of logits (1 MiB) stays in
+# cache through the max, exp and sum passes, and full-block runs widen to 2048 keys; measured
+# in benchmarks/attention.py. GPU/TPU values are the usual sizes of blockwise kernels.
+DEFAULT_BLOCKS = {"cpu": (512, 512), "gpu": (128, 128), "tpu": (512, 512)}
+
+# Widths (in key or query blocks) a run of full blocks may be merged into, widest first.
+WIDTHS = (4, 2, 1)
+
+_FILL_FRACTION = 0.7  # as the reference path: fill = 0.7 * finfo(acc).min
+
+
+class _Geo(NamedTuple):
+    """Static geometry: batch, lengths (padded), heads, head dims and block counts."""
+
+    b: int
+    t: int
+    s: int
+    k: int
+    g: int
+    h: int
+    hv: int
+    bq: int
+    bk: int
+    nq: int
+    nk: int
+
+
+def _acc(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _fill(acc):
+    return jnp.asarray(_FILL_FRACTION * jnp.finfo(acc).min, acc)
+
+
+# --------------------------------------------------------------------------------------------
+# Block classification and schedules
+
+
+def _classify(geo: _Geo, spec, dense_mask):
+    """int32 ``[Bm, nq, nk]``: 0 empty, 1 partial, 2 full (``Bm`` is 1 or B)."""
+    q_lo = (np.arange(geo.nq) * geo.bq).reshape(1, -1, 1)
+    q_hi = np.minimum(q_lo + geo.bq, geo.t) - 1
+    k_lo = (np.arange(geo.nk) * geo.bk).reshape(1, 1, -1)
+    k_hi_pad = k_lo + geo.bk - 1
+    k_hi = np.minimum(k_hi_pad, geo.s - 1)
+    any_ = np.ones((1, 1, 1), bool)
+    all_ = k_hi_pad < geo.s  # a block holding padded keys must be masked
+    if spec is not None:
+        a, f = spec.block_flags(q_lo, q_hi, k_lo, k_hi, geo.t, geo.s)
+        any_, all_ = any_ & a, all_ & f
+    if dense_mask is not None:
+        a, f = _dense_flags(geo, dense_mask)
+        any_, all_ = any_ & a, all_ & f
+    xp = np if isinstance(any_, np.ndarray) and isinstance(all_, np.ndarray) else jnp
+    cls = xp.where(all_, 2, xp.where(any_, 1, 0)).astype(np.int32)
+    return xp.broadcast_to(cls, (cls.shape[0], geo.nq, geo.nk))
+
+
+def _dense_flags(geo: _Geo, mask):
+    """Per-block any/all of a bool ``[Bx, Nx, Tx, Sx]`` mask (dims of size 1 broadcast)."""
+    bx, _, tx, sx = mask.shape
+    nq, bq = (geo.nq, geo.bq) if tx > 1 else (1, 1)
+    nk, bk = (geo.nk, geo.bk) if sx > 1 else (1, 1)
+    blocks = mask.reshape(bx, -1, nq, bq, nk, bk)
+    any_ = jnp.any(blocks, axis=(1, 3, 5))
+    all_ = jnp.all(blocks, axis=(1, 3, 5))
+    return any_, all_
+
+
+class _Schedule(NamedTuple):
+    order: jax.Array  # [Bm, rows, cols] int32: non-empty columns first, ascending
+    count: jax.Array  # [Bm, rows] int32: how many columns are non-empty
+    kind: jax.Array  # [Bm, rows, cols] int32: 0 partial, else 1 + index into WIDTHS
+
+
+def _widths(cols: int) -> tuple[int, ...]:
+    """The run widths of :data:`WIDTHS` that fit in a row of ``cols`` blocks."""
+    return tuple(w for w in WIDTHS if w <= cols)
+
+
+def _schedule(cls) -> _Schedule:
+    """The walk of each row of a classification table: which columns, and how."""
+    cls = jnp.asarray(cls)
+    widths = _widths(cls.shape[-1])
+    empty = (cls == 0).astype(jnp.int32)
+    order = jnp.argsort(empty, axis=-1, stable=True).astype(jnp.int32)
+    count = jnp.sum(1 - empty, axis=-1).astype(jnp.int32)
+    sorted_cls = jnp.take_along_axis(cls, order, axis=-1)
+    cols = cls.shape[-1]
+    idx = jnp.arange(cols, dtype=jnp.int32).reshape(1, 1, cols)
+    pad = max(widths)
+    pad_width = ((0, 0), (0, 0), (0, pad))
+    cls_p = jnp.pad(sorted_cls, pad_width)
+    order_p = jnp.pad(order, pad_width, constant_values=-(2 * pad))
+    kind = jnp.zeros_like(cls)
+    # Narrowest first, so the widest run that fits wins.
+    for w_index in reversed(range(len(widths))):
+        w = widths[w_index]
+        ok = sorted_cls == 2
+        for r in range(1, w):
+            ok = ok & (cls_p[..., r : r + cols] == 2) & (order_p[..., r : r + cols] == order + r)
+        ok = ok & (idx + w <= count[..., None])
+        kind = jnp.where(ok, w_index + 1, kind)
+    return _Schedule(order, count, kind)
+
+
+def _step_sizes(cols: int):
+    return jnp.asarray((1, *_widths(cols)), jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Slicing helpers (inputs stay in their [B, T, N, H] layout: no full-size transposed copies)
+
+
+def _rows(x, b, start, size, head0, heads):
+    """``x[b, start:start+size, head0:head0+heads, :]`` as ``[heads * size, D]``."""
+    blk = lax.dynamic_slice(x, (b, start, head0, 0), (1, size, heads, x.shape[-1]))[0]
+    return jnp.swapaxes(blk, 0, 1).reshape(heads * size, x.shape[-1])
+
+
+def _unrows(x, size, heads):
+    """``[heads * size, D]`` -> ``[1, size, heads, D]`` for a dynamic_update_slice."""
+    return jnp.swapaxes(x.reshape(heads, size, x.shape[-1]), 0, 1)[None]
+
+
+def _keys(x, b, start, size, head):
+    """``x[b, start:start+size, head, :]`` as ``[size, D]``."""
+    return lax.dynamic_slice(x, (b, start, head, 0), (1, size, 1, x.shape[-1]))[0, :, 0]
+
+
+def _block_of(x, b, head0, heads, q0, rows, k0, cols):
+    """Block of a ``[Bx, Nx, Tx, Sx]`` mask or bias as ``[heads|1, rows|1, cols|1]``."""
+    bx, nx, tx, sx = x.shape
+    start = (b if bx > 1 else 0, head0 if nx > 1 else 0, q0 if tx > 1 else 0, k0 if sx > 1 else 0)
+    size = (1, heads if nx > 1 else 1, rows if tx > 1 else 1, cols if sx > 1 else 1)
+    return lax.dynamic_slice(x, start, size)[0]
+
+
+def _fold(x, g, rows, cols):
+    """``[G|1, rows|1, cols|1]`` -> ``[G * rows, cols]`` (explicit broadcast)."""
+    return jnp.broadcast_to(x, (g, rows, cols)).reshape(g * rows, cols)
+
+
+class _Masking(NamedTuple):
+    """What a partial block needs: the structured spec, a dense mask, a bias (any may be None)."""
+
+    spec: object
+    mask: object
+    bias: object
+
+
+def _logits_mask(geo, masking, b, kh, q0, rows, k0, cols):
+    """bool ``[G * rows, cols]`` of a partial block: spec, dense mask and key padding."""
+    q_idx = q0 + jnp.arange(rows, dtype=jnp.int32)
+    k_idx = k0 + jnp.arange(cols, dtype=jnp.int32)
+    ok = jnp.broadcast_to((k_idx < geo.s)[None, :], (rows, cols))
+    if masking.spec is not None:
+        ok = ok & masking.spec.allowed(q_idx, k_idx, b, geo.t, geo.s)
+    ok = _fold(ok[None], geo.g, rows, cols)
+    if masking.mask is not None:
+        blk = _block_of(masking.mask, b, kh * geo.g, geo.g, q0, rows, k0, cols)
+        ok = ok & _fold(blk, geo.g, rows, cols)
+    return ok
+
+
+def _bias_block(geo, bias, b, kh, q0, rows, k0, cols, acc):
+    return _fold(_block_of(bias, b, kh * geo.g, geo.g, q0, rows, k0, cols), geo.g, rows, cols)
+
+
+def _masked_logits(s, geo, masking, b, kh, q0, rows, k0, cols, partial):
+    """Add the bias and apply the mask to the float32 logits of one block."""
+    acc = s.dtype
+    fill = _fill(acc)
+    if masking.bias is not None:
+        bias = _bias_block(geo, masking.bias, b, kh, q0, rows, k0, cols, acc).astype(acc)
+        s = jnp.maximum(s + bias, fill)  # a -inf bias masks like a False
+    if partial:
+        s = jnp.where(_logits_mask(geo, masking, b, kh, q0, rows, k0, cols), s, fill)
+    return s
+
+
+def _branches(visit, cols: int):
+    """One partial branch, then one full branch per run width that fits in ``cols`` blocks."""
+    full = [functools.partial(visit, width=w, partial=False) for w in _widths(cols)]
+    return [functools.partial(visit, width=1, partial=True), *full]
+
+
+def _walk(sched, bm, row, branches, carry):
+    """Run the branches over the non-empty columns of one schedule row."""
+    steps = _step_sizes(sched.order.shape[-1])
+
+    def body(state):
+        idx, c = state
+        col, kind = sched.order[bm, row, idx], sched.kind[bm, row, idx]
+        return idx + steps[kind], lax.switch(kind, branches, col, c)
+
+    count = sched.count[bm, row]
+    return lax.while_loop(lambda state: state[0] < count, body, (jnp.int32(0), carry))[1]
+
+
+def _scaled_rows(q, b, q0, rows, kh, geo, scale, acc):
+    """Query rows times ``scale``, rounded once to the input dtype (saves a pass per block)."""
+    qs = _rows(q, b, q0, rows, kh * geo.g, geo.g)
+    return (qs.astype(acc) * scale).astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+
+
+def _forward(geo: _Geo, masking: _Masking, q, k, v, scale):
+    """Padded ``[B, Tp, N, H]`` inputs -> (out ``[B, Tp, N, Hv]``, lse ``[B, N, Tp]``)."""
+    acc, fill = _acc(q.dtype), _fill(_acc(q.dtype))
+    sched = _schedule(_classify(geo, masking.spec, masking.mask))
+    per_batch = sched.count.shape[0] > 1
+    rows = geo.g * geo.bq
+
+    def query_block(r, carry):
+        out, lse = carry
+        b, kh, i = r // (geo.k * geo.nq), (r // geo.nq) % geo.k, r % geo.nq
+        q0 = i * geo.bq
+        qs = _scaled_rows(q, b, q0, geo.bq, kh, geo, scale, acc)
+
+        def visit(j, c, width, partial):
+            m, l, o = c
+            k0, cols = j * geo.bk, width * geo.bk
+            kb, vb = _keys(k, b, k0, cols, kh), _keys(v, b, k0, cols, kh)
+            s = jnp.einsum("RH,CH->RC", qs, kb, preferred_element_type=acc)  # logits
+            s = _masked_logits(s, geo, masking, b, kh, q0, geo.bq, k0, cols, partial)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[:, None])
+            alpha = jnp.exp(m - m_new)  # rescales what was summed under the old max
+            l = l * alpha + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("RC,CH->RH", p.astype(v.dtype), vb, preferred_element_type=acc)
+            return m_new, l, o * alpha[:, None] + pv
+
+        init = (
+            jnp.full((rows,), fill, acc),
+            jnp.zeros((rows,), acc),
+            jnp.zeros((rows, geo.hv), acc),
+        )
+        m, l, o = _walk(sched, b if per_batch else 0, i, _branches(visit, geo.nk), init)
+        # m == fill: the row saw no key (l >= 1 always, as exp(m - m) = 1 is in the sum).
+        seen = m > fill
+        o = jnp.where(seen[:, None], o / l[:, None], 0.0)
+        row_lse = jnp.where(seen, m + jnp.log(l), jnp.inf)
+        out = lax.dynamic_update_slice(
+            out, _unrows(o.astype(out.dtype), geo.bq, geo.g), (b, q0, kh * geo.g, 0)
+        )
+        lse = lax.dynamic_update_slice(
+            lse, row_lse.reshape(1, geo.g, geo.bq), (b, kh * geo.g, q0)
+        )
+        return out, lse
+
+    n = geo.k * geo.g
+    out = jnp.zeros((geo.b, geo.nq * geo.bq, n, geo.hv), q.dtype)
+    lse = jnp.zeros((geo.b, n, geo.nq * geo.bq), acc)
+    return lax.fori_loop(0, geo.b * geo.k * geo.nq, query_block, (out, lse))
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+
+
+def _add_block(buf, upd, start):
+    """``buf[start...] += upd`` for a block at ``start`` (read, add, write in place)."""
+    cur = lax.dynamic_slice(buf, start, upd.shape)
+    return lax.dynamic_update_slice(buf, cur + upd.astype(buf.dtype), start)
+
+
+def _bias_cotangent(d_bias, ds, geo, b, kh, q0, rows, k0):
+    """Sum ``ds [G * rows, bk]`` onto the broadcast dims of the bias and add it in place."""
+    bx, nx, tx, sx = d_bias.shape
+    blk = ds.reshape(geo.g, rows, geo.bk)
+    axes = tuple(a for a, size in enumerate((nx, tx, sx)) if size == 1)
+    blk = jnp.sum(blk, axis=axes, keepdims=True)[None]
+    start = (b if bx > 1 else 0, kh * geo.g if nx > 1 else 0, q0 if tx > 1 else 0)
+    return _add_block(d_bias, blk, (*start, k0 if sx > 1 else 0))
+
+
+def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
+    """Gradients of the padded inputs: (dq, dk, dv, d_bias or None, d_scale)."""
+    acc = _acc(q.dtype)
+    cls = _classify(geo, masking.spec, masking.mask)
+    sched = _schedule(jnp.swapaxes(jnp.asarray(cls), -1, -2))  # per key block: query blocks
+    per_batch = sched.count.shape[0] > 1
+    # rowsum(dP * P) = rowsum(dO * O): one pass over O instead of one per block.
+    delta = jnp.swapaxes(jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1), 1, 2)
+
+    def key_block(r, carry):
+        dq, dk, dv, d_bias = carry
+        b, kh, j = r // (geo.k * geo.nk), (r // geo.nk) % geo.k, r % geo.nk
+        k0 = j * geo.bk
+        kb, vb = _keys(k, b, k0, geo.bk, kh), _keys(v, b, k0, geo.bk, kh)
+
+        def visit(i, c, width, partial):
+            dq, dkj, dvj, d_bias = c
+            q0, rows = i * geo.bq, width * geo.bq
+            qs = _scaled_rows(q, b, q0, rows, kh, geo, scale, acc)
+            do = _rows(d_out, b, q0, rows, kh * geo.g, geo.g)
+            lse_r = lax.dynamic_slice(lse, (b, kh * geo.g, q0), (1, geo.g, rows)).reshape(-1)
+            delta_r = lax.dynamic_slice(delta, (b, kh * geo.g, q0), (1, geo.g, rows)).reshape(-1)
+            s = jnp.einsum("RH,CH->RC", qs, kb, preferred_element_type=acc)
+            s = _masked_logits(s, geo, masking, b, kh, q0, rows, k0, geo.bk, partial)
+            p = jnp.exp(s - lse_r[:, None])  # exactly 0 where masked and on rows with no key
+            dvj = dvj + jnp.einsum(
+                "RC,RH->CH", p.astype(v.dtype), do.astype(v.dtype), preferred_element_type=acc
+            )
+            dp = jnp.einsum("RH,CH->RC", do.astype(v.dtype), vb, preferred_element_type=acc)
+            ds = p * (dp - delta_r[:, None])  # d logits
+            if d_bias is not None:
+                d_bias = _bias_cotangent(d_bias, ds, geo, b, kh, q0, rows, k0)
+            ds = ds.astype(q.dtype)
+            dkj = dkj + jnp.einsum("RC,RH->CH", ds, qs, preferred_element_type=acc)
+            dq_blk = jnp.einsum("RC,CH->RH", ds, kb, preferred_element_type=acc)  # unscaled
+            dq = _add_block(dq, _unrows(dq_blk, rows, geo.g), (b, q0, kh * geo.g, 0))
+            return dq, dkj, dvj, d_bias
+
+        init = (dq, jnp.zeros((geo.bk, geo.h), acc), jnp.zeros((geo.bk, geo.hv), acc), d_bias)
+        dq, dkj, dvj, d_bias = _walk(
+            sched, b if per_batch else 0, j, _branches(visit, geo.nq), init
+        )
+        dk = lax.dynamic_update_slice(dk, dkj.astype(dk.dtype)[None, :, None], (b, k0, kh, 0))
+        dv = lax.dynamic_update_slice(dv, dvj.astype(dv.dtype)[None, :, None], (b, k0, kh, 0))
+        return dq, dk, dv, d_bias
+
+    d_bias = None if masking.bias is None else jnp.zeros(masking.bias.shape, acc)
+    init = (jnp.zeros(q.shape, acc), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+    dq, dk, dv, d_bias = lax.fori_loop(0, geo.b * geo.k * geo.nk, key_block, (*init, d_bias))
+    d_scale = jnp.sum(dq * q.astype(acc))  # d/d scale of scale * (q . k) summed over rows
+    return (dq * scale).astype(q.dtype), dk, dv, d_bias, d_scale
+
+
+# --------------------------------------------------------------------------------------------
+# Custom VJP and the entry point
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(geo, q, k, v, spec, mask, bias, scale):
+    return _forward(geo, _Masking(spec, mask, bias), q, k, v, scale)[0]
+
+
+def _flash_fwd(geo, q, k, v, spec, mask, bias, scale):
+    out, lse = _forward(geo, _Masking(spec, mask, bias), q, k, v, scale)
+    return out, (q, k, v, spec, mask, bias, scale, out, lse)
+
+
+def _flash_bwd(geo, residuals, d_out):
+    q, k, v, spec, mask, bias, scale, out, lse = residuals
+    masking = _Masking(spec, mask, bias)
+    dq, dk, dv, d_bias, d_scale = _backward(geo, masking, q, k, v, out, lse, d_out, scale)
+    d_spec = jax.tree_util.tree_map(_zero_cotangent, spec)
+    d_mask = None if mask is None else _zero_cotangent(mask)
+    d_bias = None if bias is None else d_bias.astype(bias.dtype)
+    return dq, dk, dv, d_spec, d_mask, d_bias, d_scale.astype(scale.dtype)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _zero_cotangent(x):
+    """The cotangent of an integer or bool input (a float0 zero)."""
+    return np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _as_4d(x, batch, b: int, tp: int, sp: int, fill):
+    """A mask or bias broadcastable to ``[*batch, N, T, S]`` as ``[Bx, Nx, Tx, Sx]`` with
+    ``Bx`` in (1, B), padded to the block grid where it is not broadcast."""
+    x = x.reshape((1,) * (len(batch) + 3 - x.ndim) + x.shape)
+    lead = x.shape[: len(batch)]
+    if all(d == 1 for d in lead):
+        x = x.reshape(x.shape[len(batch) :])[None]
+    else:
+        x = jnp.broadcast_to(x, (*batch, *x.shape[len(batch) :])).reshape((b, *x.shape[-3:]))
+    if x.shape[-2] > 1:
+        x = _pad_axis(x, 2, tp, fill)
+    if x.shape[-1] > 1:
+        x = _pad_axis(x, 3, sp, fill)
+    return x
+
+
+def flash_attention(query, key, value, *, spec, mask, bias, scale, block_q: int, block_k: int):
+    """Blockwise attention on validated inputs (see :func:`jaxattn.dot_product_attention`).
+
+    Args:
+      query, key, value: ``[..., T, N, H]``, ``[..., S, K, H]``, ``[..., S, K, Hv]``.
+      spec: a :class:`jaxattn.mask_spec.MaskSpec` (causal is folded in here) or None.
+      mask: bool array broadcastable to ``[..., N, T, S]``, or None.
+      bias: float array broadcastable to ``[..., N, T, S]``, or None.
+      scale: scalar in the accumulation dtype.
+      block_q, block_k: block sizes (clipped to T and S).
+
+    Returns ``[..., T, N, Hv]`` in the input dtype. Lengths that are not a multiple of the
+    block size are padded (a copy of the inputs); padded keys are masked.
+    """
+    batch = query.shape[:-3]
+    t, n, h = query.shape[-3:]
+    s, kh, hv = value.shape[-3:]
+    q = query.reshape((-1, t, n, h))
+    k = key.reshape((-1, s, kh, h))
+    v = value.reshape((-1, s, kh, hv))
+    b = q.shape[0]
+    bq, bk = min(block_q, t), min(block_k, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    geo = _Geo(b=b, t=t, s=s, k=kh, g=n // kh, h=h, hv=hv, bq=bq, bk=bk, nq=nq, nk=nk)
+    q = _pad_axis(q, 1, nq * bq)
+    k, v = _pad_axis(k, 1, nk * bk), _pad_axis(v, 1, nk * bk)
+    if mask is not None:
+        mask = _as_4d(mask, batch, b, nq * bq, nk * bk, False)
+    if bias is not None:
+        bias = _as_4d(bias, batch, b, nq * bq, nk * bk, 0)
+    out = _flash(geo, q, k, v, spec, mask, bias, scale)
+    return out[:, :t].reshape((*batch, t, n, hv))
