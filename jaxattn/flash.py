@@ -209,16 +209,24 @@ def _bias_block(geo, bias, b, kh, q0, rows, k0, cols, acc):
     return _fold(_block_of(bias, b, kh * geo.g, geo.g, q0, rows, k0, cols), geo.g, rows, cols)
 
 
-def _masked_logits(s, geo, masking, b, kh, q0, rows, k0, cols, partial):
-    """Add the bias and apply the mask to the float32 logits of one block."""
+def _masked_logits(s, geo, masking, b, kh, q0, rows, k0, cols, partial, key_major=False):
+    """Add the bias and apply the mask to the float32 logits of one block, ``[G * rows,
+    cols]`` (or its transpose when ``key_major``)."""
     acc = s.dtype
     fill = _fill(acc)
+    orient = (lambda x: x.T) if key_major else (lambda x: x)
     if masking.bias is not None:
         bias = _bias_block(geo, masking.bias, b, kh, q0, rows, k0, cols, acc).astype(acc)
-        s = jnp.maximum(s + bias, fill)  # a -inf bias masks like a False
+        s = jnp.maximum(s + orient(bias), fill)  # a -inf bias masks like a False
     if partial:
-        s = jnp.where(_logits_mask(geo, masking, b, kh, q0, rows, k0, cols), s, fill)
+        s = jnp.where(orient(_logits_mask(geo, masking, b, kh, q0, rows, k0, cols)), s, fill)
     return s
+
+
+def _transposed(x):
+    """``x.T`` materialised: the barrier keeps XLA from folding the transpose back into the
+    next matmul as a transposed operand, which XLA:CPU runs 2.5x slower."""
+    return lax.optimization_barrier(x.T)
 
 
 def _branches(visit, cols: int):
@@ -339,22 +347,23 @@ def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
             dq, dkj, dvj, d_bias = c
             q0, rows = i * geo.bq, width * geo.bq
             qs = _scaled_rows(q, b, q0, rows, kh, geo, scale, acc)
-            do = _rows(d_out, b, q0, rows, kh * geo.g, geo.g)
-            lse_r = lax.dynamic_slice(lse, (b, kh * geo.g, q0), (1, geo.g, rows)).reshape(-1)
-            delta_r = lax.dynamic_slice(delta, (b, kh * geo.g, q0), (1, geo.g, rows)).reshape(-1)
-            s = jnp.einsum("RH,CH->RC", qs, kb, preferred_element_type=acc)
-            s = _masked_logits(s, geo, masking, b, kh, q0, rows, k0, geo.bk, partial)
-            p = jnp.exp(s - lse_r[:, None])  # exactly 0 where masked and on rows with no key
-            dvj = dvj + jnp.einsum(
-                "RC,RH->CH", p.astype(v.dtype), do.astype(v.dtype), preferred_element_type=acc
-            )
-            dp = jnp.einsum("RH,CH->RC", do.astype(v.dtype), vb, preferred_element_type=acc)
-            ds = p * (dp - delta_r[:, None])  # d logits
+            do = _rows(d_out, b, q0, rows, kh * geo.g, geo.g).astype(v.dtype)
+            lse_r = lax.dynamic_slice(lse, (b, kh * geo.g, q0), (1, geo.g, rows)).reshape(1, -1)
+            delta_r = lax.dynamic_slice(delta, (b, kh * geo.g, q0), (1, geo.g, rows)).reshape(1, -1)
+            # Key-major [C, R] blocks: every matmul but one then contracts over the last axis
+            # of its left operand, XLA:CPU's fast form (a transposed left operand was measured
+            # 2.5x slower); the one left, for dQ, gets an explicit transpose (_transposed).
+            s_t = jnp.einsum("CH,RH->CR", kb, qs, preferred_element_type=acc)  # logits^T
+            s_t = _masked_logits(s_t, geo, masking, b, kh, q0, rows, k0, geo.bk, partial, True)
+            p_t = jnp.exp(s_t - lse_r)  # exactly 0 where masked and on rows with no key
+            dvj = dvj + jnp.einsum("CR,RH->CH", p_t.astype(v.dtype), do, preferred_element_type=acc)
+            dp_t = jnp.einsum("CH,RH->CR", vb, do, preferred_element_type=acc)
+            ds_t = p_t * (dp_t - delta_r)  # d logits^T
             if d_bias is not None:
-                d_bias = _bias_cotangent(d_bias, ds, geo, b, kh, q0, rows, k0)
-            ds = ds.astype(q.dtype)
-            dkj = dkj + jnp.einsum("RC,RH->CH", ds, qs, preferred_element_type=acc)
-            dq_blk = jnp.einsum("RC,CH->RH", ds, kb, preferred_element_type=acc)  # unscaled
+                d_bias = _bias_cotangent(d_bias, ds_t.T, geo, b, kh, q0, rows, k0)
+            ds_t = ds_t.astype(q.dtype)
+            dkj = dkj + jnp.einsum("CR,RH->CH", ds_t, qs, preferred_element_type=acc)
+            dq_blk = jnp.einsum("RC,CH->RH", _transposed(ds_t), kb, preferred_element_type=acc)
             dq = _add_block(dq, _unrows(dq_blk, rows, geo.g), (b, q0, kh * geo.g, 0))
             return dq, dkj, dvj, d_bias
 
