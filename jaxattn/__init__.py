@@ -4,6 +4,7 @@ tiny Flax NNX decoder that learns synthetic sequence tasks with them.
 Public API (everything else is internal)::
 
     from jaxattn import dot_product_attention, causal_mask, padding_mask, ...
+    from jaxattn import CausalMask, PaddingMask, ...  # structured masks for the flash path
     from jaxattn import TinyDecoder, ModelConfig, generate, load_run
 """
 
@@ -12,6 +13,12 @@ from jaxattn.config import Config as Config
 from jaxattn.config import ConfigError as ConfigError
 from jaxattn.config import load_config as load_config
 from jaxattn.decoding import generate as generate
+from jaxattn.mask_spec import CausalMask as CausalMask
+from jaxattn.mask_spec import MaskSpec as MaskSpec
+from jaxattn.mask_spec import PaddingMask as PaddingMask
+from jaxattn.mask_spec import PrefixLMMask as PrefixLMMask
+from jaxattn.mask_spec import SegmentMask as SegmentMask
+from jaxattn.mask_spec import SlidingWindowMask as SlidingWindowMask
 from jaxattn.masks import and_masks as and_masks
 from jaxattn.masks import causal_mask as causal_mask
 from jaxattn.masks import or_masks as or_masks

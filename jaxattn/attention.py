@@ -316,9 +316,7 @@ def _cudnn_refusal(query, value, mask, bias, is_causal, return_weights, dims):
         return "does not return weights"
     if bias is not None:
         return "is not used with a bias here"
-    if mask is not None and not (
-        type(mask) is CausalMask and mask.offset is None and t == s
-    ):
+    if mask is not None and not (type(mask) is CausalMask and mask.offset is None and t == s):
         return "takes no mask here other than CausalMask() with T == S; use is_causal"
     if is_causal and t != s:
         return f"aligns causal masks top-left; needs T == S for is_causal, got T={t}, S={s}"
@@ -412,7 +410,14 @@ def dot_product_attention(
             spec = CausalMask() if spec is None else spec & CausalMask()
         bq, bk = block_sizes or flash.DEFAULT_BLOCKS.get(jax.default_backend(), (128, 128))
         return flash.flash_attention(
-            query, key, value, spec=spec, mask=dense, bias=bias, scale=scale, block_q=bq,
+            query,
+            key,
+            value,
+            spec=spec,
+            mask=dense,
+            bias=bias,
+            scale=scale,
+            block_q=bq,
             block_k=bk,
         )
     # Only a user mask, a bias (-inf entries) or causal attention with more queries than keys

@@ -154,9 +154,14 @@ def _step_sizes(cols: int):
 # Slicing helpers (inputs stay in their [B, T, N, H] layout: no full-size transposed copies)
 
 
+def _start(*xs):
+    """Slice start indices, all int32 (literal 0s would be int64 under x64)."""
+    return tuple(jnp.asarray(x, jnp.int32) for x in xs)
+
+
 def _rows(x, b, start, size, head0, heads):
     """``x[b, start:start+size, head0:head0+heads, :]`` as ``[heads * size, D]``."""
-    blk = lax.dynamic_slice(x, (b, start, head0, 0), (1, size, heads, x.shape[-1]))[0]
+    blk = lax.dynamic_slice(x, _start(b, start, head0, 0), (1, size, heads, x.shape[-1]))[0]
     return jnp.swapaxes(blk, 0, 1).reshape(heads * size, x.shape[-1])
 
 
@@ -167,7 +172,7 @@ def _unrows(x, size, heads):
 
 def _keys(x, b, start, size, head):
     """``x[b, start:start+size, head, :]`` as ``[size, D]``."""
-    return lax.dynamic_slice(x, (b, start, head, 0), (1, size, 1, x.shape[-1]))[0, :, 0]
+    return lax.dynamic_slice(x, _start(b, start, head, 0), (1, size, 1, x.shape[-1]))[0, :, 0]
 
 
 def _block_of(x, b, head0, heads, q0, rows, k0, cols):
@@ -175,7 +180,7 @@ def _block_of(x, b, head0, heads, q0, rows, k0, cols):
     bx, nx, tx, sx = x.shape
     start = (b if bx > 1 else 0, head0 if nx > 1 else 0, q0 if tx > 1 else 0, k0 if sx > 1 else 0)
     size = (1, heads if nx > 1 else 1, rows if tx > 1 else 1, cols if sx > 1 else 1)
-    return lax.dynamic_slice(x, start, size)[0]
+    return lax.dynamic_slice(x, _start(*start), size)[0]
 
 
 def _fold(x, g, rows, cols):
@@ -267,6 +272,7 @@ def _forward(geo: _Geo, masking: _Masking, q, k, v, scale):
 
     def query_block(r, carry):
         out, lse = carry
+        r = jnp.asarray(r, jnp.int32)  # int64 under x64: every slice index must be int32
         b, kh, i = r // (geo.k * geo.nq), (r // geo.nq) % geo.k, r % geo.nq
         q0 = i * geo.bq
         qs = _scaled_rows(q, b, q0, geo.bq, kh, geo, scale, acc)
@@ -295,10 +301,10 @@ def _forward(geo: _Geo, masking: _Masking, q, k, v, scale):
         o = jnp.where(seen[:, None], o / l[:, None], 0.0)
         row_lse = jnp.where(seen, m + jnp.log(l), jnp.inf)
         out = lax.dynamic_update_slice(
-            out, _unrows(o.astype(out.dtype), geo.bq, geo.g), (b, q0, kh * geo.g, 0)
+            out, _unrows(o.astype(out.dtype), geo.bq, geo.g), _start(b, q0, kh * geo.g, 0)
         )
         lse = lax.dynamic_update_slice(
-            lse, row_lse.reshape(1, geo.g, geo.bq), (b, kh * geo.g, q0)
+            lse, row_lse.reshape(1, geo.g, geo.bq), _start(b, kh * geo.g, q0)
         )
         return out, lse
 
@@ -314,6 +320,7 @@ def _forward(geo: _Geo, masking: _Masking, q, k, v, scale):
 
 def _add_block(buf, upd, start):
     """``buf[start...] += upd`` for a block at ``start`` (read, add, write in place)."""
+    start = _start(*start)
     cur = lax.dynamic_slice(buf, start, upd.shape)
     return lax.dynamic_update_slice(buf, cur + upd.astype(buf.dtype), start)
 
@@ -339,6 +346,7 @@ def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
 
     def key_block(r, carry):
         dq, dk, dv, d_bias = carry
+        r = jnp.asarray(r, jnp.int32)  # int64 under x64: every slice index must be int32
         b, kh, j = r // (geo.k * geo.nk), (r // geo.nk) % geo.k, r % geo.nk
         k0 = j * geo.bk
         kb, vb = _keys(k, b, k0, geo.bk, kh), _keys(v, b, k0, geo.bk, kh)
@@ -348,8 +356,12 @@ def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
             q0, rows = i * geo.bq, width * geo.bq
             qs = _scaled_rows(q, b, q0, rows, kh, geo, scale, acc)
             do = _rows(d_out, b, q0, rows, kh * geo.g, geo.g).astype(v.dtype)
-            lse_r = lax.dynamic_slice(lse, (b, kh * geo.g, q0), (1, geo.g, rows)).reshape(1, -1)
-            delta_r = lax.dynamic_slice(delta, (b, kh * geo.g, q0), (1, geo.g, rows)).reshape(1, -1)
+            lse_r = lax.dynamic_slice(lse, _start(b, kh * geo.g, q0), (1, geo.g, rows)).reshape(
+                1, -1
+            )
+            delta_r = lax.dynamic_slice(delta, _start(b, kh * geo.g, q0), (1, geo.g, rows)).reshape(
+                1, -1
+            )
             # Key-major [C, R] blocks: every matmul but one then contracts over the last axis
             # of its left operand, XLA:CPU's fast form (a transposed left operand was measured
             # 2.5x slower); the one left, for dQ, gets an explicit transpose (_transposed).
@@ -364,15 +376,15 @@ def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
             ds_t = ds_t.astype(q.dtype)
             dkj = dkj + jnp.einsum("CR,RH->CH", ds_t, qs, preferred_element_type=acc)
             dq_blk = jnp.einsum("RC,CH->RH", _transposed(ds_t), kb, preferred_element_type=acc)
-            dq = _add_block(dq, _unrows(dq_blk, rows, geo.g), (b, q0, kh * geo.g, 0))
+            dq = _add_block(dq, _unrows(dq_blk, rows, geo.g), _start(b, q0, kh * geo.g, 0))
             return dq, dkj, dvj, d_bias
 
         init = (dq, jnp.zeros((geo.bk, geo.h), acc), jnp.zeros((geo.bk, geo.hv), acc), d_bias)
         dq, dkj, dvj, d_bias = _walk(
             sched, b if per_batch else 0, j, _branches(visit, geo.nq), init
         )
-        dk = lax.dynamic_update_slice(dk, dkj.astype(dk.dtype)[None, :, None], (b, k0, kh, 0))
-        dv = lax.dynamic_update_slice(dv, dvj.astype(dv.dtype)[None, :, None], (b, k0, kh, 0))
+        dk = lax.dynamic_update_slice(dk, dkj.astype(dk.dtype)[None, :, None], _start(b, k0, kh, 0))
+        dv = lax.dynamic_update_slice(dv, dvj.astype(dv.dtype)[None, :, None], _start(b, k0, kh, 0))
         return dq, dk, dv, d_bias
 
     d_bias = None if masking.bias is None else jnp.zeros(masking.bias.shape, acc)

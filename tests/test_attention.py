@@ -1,4 +1,9 @@
-"""dot_product_attention against the float64 reference, jax.nn, closed forms and its errors."""
+"""dot_product_attention against the float64 reference, jax.nn, closed forms and its errors.
+
+Every numerical test runs over both implementations: the flash path with tiny blocks, so that
+every case spans several query and key blocks, odd lengths leave partial last blocks, and
+empty, partial and full blocks all occur.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,14 @@ import pytest
 from conftest import reference_attention
 
 import jaxattn as ja
+
+
+# Keyword arguments that select each implementation.
+IMPLS = {
+    "reference": {"implementation": "reference"},
+    "flash": {"implementation": "flash", "block_sizes": (2, 3)},
+}
+impls = pytest.mark.parametrize("impl", list(IMPLS))
 
 
 def qkv(rng, batch, t, s, n, k, h, hv=None, dtype=np.float32):
@@ -71,25 +84,34 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[1:])) + f"b{s[0]}")
 @pytest.mark.parametrize("mask_kind", [None, *MASKS])
-def test_matches_float64_reference(rng, shape, mask_kind):
+@impls
+def test_matches_float64_reference(rng, shape, mask_kind, impl):
     batch, t, s, n, k, h, hv = shape
     q, key, v = qkv(rng, batch, t, s, n, k, h, hv)
     mask = None if mask_kind is None else MASKS[mask_kind](rng, batch, t, s)
     bias = rng.standard_normal((n, t, s)).astype(np.float32) if mask_kind == "window" else None
-    out, weights = ja.dot_product_attention(q, key, v, mask=mask, bias=bias, return_weights=True)
     ref_out, ref_w = reference_attention(q, key, v, mask=mask, bias=bias)
+    if impl == "reference":
+        out, weights = ja.dot_product_attention(
+            q, key, v, mask=mask, bias=bias, return_weights=True, **IMPLS[impl]
+        )
+        assert weights.shape == (*batch, n, t, s)
+        np.testing.assert_allclose(weights, np.broadcast_to(ref_w, weights.shape), atol=2e-6)
+    else:
+        out = ja.dot_product_attention(q, key, v, mask=mask, bias=bias, **IMPLS[impl])
     assert out.shape == (*batch, t, n, hv) and out.dtype == jnp.float32
-    assert weights.shape == (*batch, n, t, s)
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
-    np.testing.assert_allclose(weights, np.broadcast_to(ref_w, weights.shape), atol=2e-6)
 
 
 @pytest.mark.parametrize("t,s", [(4, 4), (3, 6), (6, 3)])
-def test_is_causal_equals_causal_mask(rng, t, s):
+@impls
+def test_is_causal_equals_causal_mask(rng, t, s, impl):
     q, key, v = qkv(rng, (2,), t, s, 4, 2, 8)
-    a = ja.dot_product_attention(q, key, v, is_causal=True)
-    b = ja.dot_product_attention(q, key, v, mask=ja.causal_mask(t, s))
-    np.testing.assert_array_equal(a, b)
+    a = ja.dot_product_attention(q, key, v, is_causal=True, **IMPLS[impl])
+    b = ja.dot_product_attention(q, key, v, mask=ja.causal_mask(t, s), **IMPLS[impl])
+    c = ja.dot_product_attention(q, key, v, mask=ja.CausalMask(), **IMPLS[impl])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_array_equal(a, c)
     np.testing.assert_allclose(
         a, reference_attention(q, key, v, ja.causal_mask(t, s))[0], atol=2e-5
     )
@@ -105,13 +127,16 @@ def test_is_causal_equals_causal_mask(rng, t, s):
         (4, 4, False, False, True),
     ],
 )
-def test_matches_jax_nn(rng, n, k, causal, with_mask, with_bias):
+@impls
+def test_matches_jax_nn(rng, n, k, causal, with_mask, with_bias, impl):
     q, key, v = qkv(rng, (2,), 6, 6, n, k, 8)
     # Every row keeps its diagonal key: jax.nn gives a fully masked row the mean of V.
     mask = ja.or_masks(jnp.asarray(rng.random((2, 1, 6, 6)) < 0.7), jnp.eye(6, dtype=bool))
     mask = mask if with_mask else None
     bias = jnp.asarray(rng.standard_normal((1, n, 6, 6)), jnp.float32) if with_bias else None
-    ours = ja.dot_product_attention(q, key, v, mask=mask, bias=bias, is_causal=causal)
+    ours = ja.dot_product_attention(
+        q, key, v, mask=mask, bias=bias, is_causal=causal, **IMPLS[impl]
+    )
     theirs = jax.nn.dot_product_attention(q, key, v, mask=mask, bias=bias, is_causal=causal)
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -126,9 +151,14 @@ def test_two_by_two_worked_by_hand():
     e = np.e
     np.testing.assert_allclose(w[0], [[0.5, 0.5], [1 / (1 + e), e / (1 + e)]], rtol=1e-6)
     np.testing.assert_allclose(out[:, 0, 0], [15.0, 10 / (1 + e) + 20 * e / (1 + e)], rtol=1e-6)
-    # Causal: query 0 sees only key 0.
-    out_c = ja.dot_product_attention(q, k, v, scale=1.0, is_causal=True)
-    np.testing.assert_allclose(out_c[:, 0, 0], [10.0, 10 / (1 + e) + 20 * e / (1 + e)], rtol=1e-6)
+    # Causal: query 0 sees only key 0; the flash path with 1 x 1 blocks agrees.
+    for kwargs in ({}, {"implementation": "flash", "block_sizes": (1, 1)}):
+        out_c = ja.dot_product_attention(q, k, v, scale=1.0, is_causal=True, **kwargs)
+        np.testing.assert_allclose(
+            out_c[:, 0, 0], [10.0, 10 / (1 + e) + 20 * e / (1 + e)], rtol=1e-6
+        )
+    flash = ja.dot_product_attention(q, k, v, scale=1.0, implementation="flash")
+    np.testing.assert_allclose(flash, out, rtol=1e-6)
 
 
 def test_default_scale_is_inverse_sqrt_head_dim(rng):
@@ -154,6 +184,7 @@ def test_every_option_changes_the_output(rng):
         assert not np.allclose(base, variant, atol=1e-4)
 
 
+@impls
 class TestFullyMaskedRows:
     def setup_method(self):
         rng = np.random.default_rng(1)
@@ -163,19 +194,22 @@ class TestFullyMaskedRows:
         mask[1, 0, 3] = False
         self.mask = jnp.asarray(mask)
 
-    def test_output_and_weights_are_zero(self):
-        out, w = ja.dot_product_attention(
-            self.q, self.k, self.v, mask=self.mask, return_weights=True
-        )
+    def test_output_and_weights_are_zero(self, impl):
+        out = ja.dot_product_attention(self.q, self.k, self.v, mask=self.mask, **IMPLS[impl])
         assert np.isfinite(out).all()
         np.testing.assert_array_equal(out[0, 1], 0.0)
         np.testing.assert_array_equal(out[1, 3], 0.0)
-        np.testing.assert_array_equal(w[0, :, 1], 0.0)
-        np.testing.assert_allclose(w[0, :, 0].sum(-1), 1.0, rtol=1e-6)
+        assert np.abs(out[0, 0]).sum() > 0
+        if impl == "reference":
+            _, w = ja.dot_product_attention(
+                self.q, self.k, self.v, mask=self.mask, return_weights=True
+            )
+            np.testing.assert_array_equal(w[0, :, 1], 0.0)
+            np.testing.assert_allclose(w[0, :, 0].sum(-1), 1.0, rtol=1e-6)
 
-    def test_gradients_are_zero_and_finite(self):
+    def test_gradients_are_zero_and_finite(self, impl):
         def loss(q, k, v):
-            return jnp.sum(ja.dot_product_attention(q, k, v, mask=self.mask) ** 2)
+            return jnp.sum(ja.dot_product_attention(q, k, v, mask=self.mask, **IMPLS[impl]) ** 2)
 
         dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(self.q, self.k, self.v)
         for g in (dq, dk, dv):
@@ -184,19 +218,21 @@ class TestFullyMaskedRows:
         np.testing.assert_array_equal(dq[1, 3], 0.0)
         assert np.abs(dq[0, 0]).sum() > 0
 
-    def test_causal_with_more_queries_than_keys(self):
-        out = ja.dot_product_attention(self.q, self.k, self.v, is_causal=True)  # T=4 > S=3
+    def test_causal_with_more_queries_than_keys(self, impl):
+        # T=4 > S=3: query 0 sits before every key.
+        out = ja.dot_product_attention(self.q, self.k, self.v, is_causal=True, **IMPLS[impl])
         np.testing.assert_array_equal(out[:, 0], 0.0)
         assert np.abs(out[:, 1]).sum() > 0
 
-    def test_minus_inf_bias_masks_like_false(self):
+    def test_minus_inf_bias_masks_like_false(self, impl):
         bias = np.zeros((1, 1, 4, 3), np.float32)
         bias[..., 2, :] = -np.inf
         bias[..., 0, 1] = -np.inf
-        out = ja.dot_product_attention(self.q, self.k, self.v, bias=jnp.asarray(bias))
+        kw = IMPLS[impl]
+        out = ja.dot_product_attention(self.q, self.k, self.v, bias=jnp.asarray(bias), **kw)
         mask = jnp.asarray(np.isfinite(bias))
         np.testing.assert_array_equal(
-            out, ja.dot_product_attention(self.q, self.k, self.v, mask=mask)
+            out, ja.dot_product_attention(self.q, self.k, self.v, mask=mask, **kw)
         )
         np.testing.assert_array_equal(out[:, 2], 0.0)
 
@@ -213,7 +249,8 @@ def _ref64(q, k, v, mask, bias, scale):
 
 
 @pytest.mark.parametrize(("n", "k", "t", "s"), [(4, 4, 5, 5), (4, 2, 3, 6), (6, 2, 6, 4)])
-def test_gradients_match_float64_reference(n, k, t, s):
+@impls
+def test_gradients_match_float64_reference(n, k, t, s, impl):
     rng = np.random.default_rng(2)
     with jax.enable_x64(True):
         q, key, v = (jnp.asarray(x) for x in qkv(rng, (2,), t, s, n, k, 8, 6, np.float64))
@@ -227,7 +264,10 @@ def test_gradients_match_float64_reference(n, k, t, s):
 
         def ours(q, key, v, bias, scale):
             return jnp.sum(
-                ja.dot_product_attention(q, key, v, mask=mask, bias=bias, scale=scale) * ct
+                ja.dot_product_attention(
+                    q, key, v, mask=mask, bias=bias, scale=scale, **IMPLS[impl]
+                )
+                * ct
             )
 
         def ref(q, key, v, bias, scale):
@@ -244,7 +284,8 @@ def test_gradients_match_float64_reference(n, k, t, s):
         np.testing.assert_array_equal(g_ours[0][0, 0], 0.0)
 
 
-def test_float32_gradients_close_to_float64():
+@impls
+def test_float32_gradients_close_to_float64(impl):
     rng = np.random.default_rng(3)
     q, key, v = qkv(rng, (2,), 6, 6, 4, 2, 8)
     mask = ja.causal_mask(6)
@@ -252,8 +293,11 @@ def test_float32_gradients_close_to_float64():
     def loss(fn, q, key, v):
         return jnp.sum(jnp.sin(fn(q, key, v)))
 
+    def attend(q, k, v):
+        return ja.dot_product_attention(q, k, v, mask=mask, **IMPLS[impl])
+
     g32 = jax.grad(
-        lambda *a: loss(lambda q, k, v: ja.dot_product_attention(q, k, v, mask=mask), *a),
+        lambda *a: loss(attend, *a),
         argnums=(0, 1, 2),
     )(q, key, v)
     with jax.enable_x64(True):
@@ -267,34 +311,54 @@ def test_float32_gradients_close_to_float64():
 
 
 @pytest.mark.parametrize(("dtype", "atol"), [(jnp.bfloat16, 3e-2), (jnp.float16, 4e-3)])
-def test_low_precision_inputs_within_tolerance(rng, dtype, atol):
+@pytest.mark.parametrize(
+    "impl_kwargs",
+    [IMPLS["reference"], {"implementation": "flash", "block_sizes": (4, 8)}],
+    ids=["reference", "flash"],
+)
+def test_low_precision_inputs_within_tolerance(rng, dtype, atol, impl_kwargs):
     q, key, v = qkv(rng, (2,), 16, 16, 4, 2, 32)
     q16, k16, v16 = (jnp.asarray(x, dtype) for x in (q, key, v))
-    out = ja.dot_product_attention(q16, k16, v16, is_causal=True)
+    out = ja.dot_product_attention(q16, k16, v16, is_causal=True, **impl_kwargs)
     assert out.dtype == dtype
     # Compared with the float64 result on the same (rounded) inputs.
     ref = reference_attention(
         *(np.asarray(x.astype(jnp.float32)) for x in (q16, k16, v16)), ja.causal_mask(16)
     )[0]
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=atol, rtol=atol)
-    grads = jax.grad(
-        lambda q: jnp.sum(ja.dot_product_attention(q, k16, v16, is_causal=True).astype(jnp.float32))
-    )(q16)
-    assert grads.dtype == dtype and np.isfinite(np.asarray(grads, np.float32)).all()
+
+    def loss(q, k, v):
+        out = ja.dot_product_attention(q, k, v, is_causal=True, **impl_kwargs)
+        return jnp.sum(out.astype(jnp.float32) * ct)
+
+    ct = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q16, k16, v16)
+    grads32 = jax.grad(loss, argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q16, k16, v16)))
+    for g, g32 in zip(grads, grads32, strict=True):
+        assert g.dtype == dtype and np.isfinite(np.asarray(g, np.float32)).all()
+        scale = float(np.abs(np.asarray(g32)).max())
+        np.testing.assert_allclose(np.asarray(g, np.float32), g32, atol=4 * atol * scale, rtol=0)
 
 
-def test_jit_vmap_and_grad_compose(rng):
+@impls
+def test_jit_vmap_and_grad_compose(rng, impl):
+    kw = IMPLS[impl]
     q, key, v = qkv(rng, (3,), 4, 4, 2, 2, 8)
-    batched = ja.dot_product_attention(q, key, v, is_causal=True)
-    mapped = jax.vmap(lambda a, b, c: ja.dot_product_attention(a, b, c, is_causal=True))(q, key, v)
+    batched = ja.dot_product_attention(q, key, v, is_causal=True, **kw)
+    mapped = jax.vmap(lambda a, b, c: ja.dot_product_attention(a, b, c, is_causal=True, **kw))(
+        q, key, v
+    )
     np.testing.assert_allclose(batched, mapped, atol=1e-6)
-    jitted = jax.jit(lambda a, b, c: ja.dot_product_attention(a, b, c, is_causal=True))(q, key, v)
+    jitted = jax.jit(lambda a, b, c: ja.dot_product_attention(a, b, c, is_causal=True, **kw))(
+        q, key, v
+    )
     np.testing.assert_allclose(batched, jitted, atol=1e-6)
-    g = jax.jit(jax.grad(lambda a: ja.dot_product_attention(a, key, v).sum()))(q)
-    assert g.shape == q.shape
-    # A traced scale works too and its gradient is defined.
-    ds = jax.grad(lambda s: ja.dot_product_attention(q, key, v, scale=s).sum())(0.5)
-    assert np.isfinite(ds)
+    g = jax.jit(jax.grad(lambda a: ja.dot_product_attention(a, key, v, **kw).sum()))(q)
+    assert g.shape == q.shape and np.abs(g).sum() > 0
+    # A traced scale works too and its gradient matches a central difference.
+    ds = jax.grad(lambda s: ja.dot_product_attention(q, key, v, scale=s, **kw).sum())(0.5)
+    f = lambda s: float(ja.dot_product_attention(q, key, v, scale=s, **kw).sum())  # noqa: E731
+    np.testing.assert_allclose(ds, (f(0.5 + 1e-2) - f(0.5 - 1e-2)) / 2e-2, rtol=2e-2)
 
 
 def _err(**overrides):
@@ -355,7 +419,7 @@ Z = np.zeros
         ({"bias": Z((4, 5), bool)}, "bias must be a floating array, got dtype bool"),
         (
             {"implementation": "fastest"},
-            "implementation must be one of (None, 'reference'), got 'fastest'",
+            "implementation must be one of (None, 'reference', 'flash', 'cudnn'), got 'fastest'",
         ),
     ],
 )
