@@ -1,19 +1,25 @@
-"""Attention speed: jaxattn against jax.nn and Flax NNX, measured in one run.
+"""Attention speed and memory: jaxattn against jax.nn and Flax NNX, measured in one run.
 
-    python benchmarks/attention.py            # the table of the foundation issue
-    python benchmarks/attention.py --quick    # one small shape, for a smoke run
+    python benchmarks/attention.py              # speed table, memory/scaling table, compile time
+    python benchmarks/attention.py --quick      # one small shape, for a smoke run
+    python benchmarks/attention.py --only speed # or: memory, compile
 
 Every implementation is wrapped in ``jax.jit`` and timed in interleaved rounds (median).
-FLOPs count the two matmuls of the forward pass, 4*B*N*T*S*H, over unmasked (query, key)
-pairs only (so causal work is about half); forward+backward counts 3x the forward (two
-forward and four backward matmuls). The ceiling is a 2048^3 float32 matmul timed in the same
-run. Ratios are jaxattn time / time of the faster peer: below 1 means jaxattn is faster.
+``jaxattn`` is ``dot_product_attention`` with ``implementation=None`` (the dispatcher's pick,
+shown in the path column). FLOPs count the two matmuls of the forward pass, 4*B*N*T*S*H,
+over unmasked (query, key) pairs only (so causal work is about half); forward+backward
+counts 3x the forward. The ceiling is a 2048^3 float32 matmul timed in the same run, before
+and after the table. Ratios are jaxattn time / time of the faster peer: below 1 means jaxattn
+is faster. Memory is the compiled temporary buffer size reported by XLA
+(``jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``): compiled only, never
+run, so the peers' figures at T = 16384 cost nothing to obtain.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -24,13 +30,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_ceiling_gflops, time_interleaved
 
 import jaxattn
+from jaxattn import attention as attention_module
 
-SHAPES = [(32, 10, 4, 32), (8, 512, 8, 64), (2, 2048, 8, 64)]
+# (B, T, N, H), causal
+SPEED_CASES = [
+    ((32, 10, 4, 32), False),
+    ((32, 10, 4, 32), True),
+    ((8, 512, 8, 64), False),
+    ((8, 512, 8, 64), True),
+    ((2, 2048, 8, 64), False),
+    ((2, 2048, 8, 64), True),
+    ((1, 4096, 8, 64), True),
+]
+MEMORY_LENGTHS = [1024, 2048, 4096, 8192, 16384]
+PEERS_TIMED_UP_TO = 4096  # beyond this jax.nn and Flax need GiBs of logits: memory only
 
 
-def _impls(causal: bool, t: int):
+def _impls(causal: bool, t: int, implementation=None):
     def ours(q, k, v):
-        return jaxattn.dot_product_attention(q, k, v, is_causal=causal)
+        return jaxattn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=implementation
+        )
 
     def jax_nn(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
@@ -50,10 +70,22 @@ def _fwd_bwd(f):
     return run
 
 
-def bench_case(shape, causal: bool, dtype=jnp.float32, rounds: int = 7):
-    b, t, n, h = shape
+def _inputs(shape, dtype=jnp.float32):
     keys = jax.random.split(jax.random.key(1), 4)
-    q, k, v, do = (jax.random.normal(kk, (b, t, n, h), dtype) for kk in keys)
+    return tuple(jax.random.normal(kk, shape, dtype) for kk in keys)
+
+
+def _path(shape) -> str:
+    """The path implementation=None takes for this shape (mirrors the dispatcher)."""
+    _, t, _, _ = shape
+    if jax.default_backend() == "gpu":
+        return "auto"
+    return "flash" if t * t >= attention_module.FLASH_MIN_PAIRS else "reference"
+
+
+def bench_case(shape, causal: bool, rounds: int):
+    b, t, n, h = shape
+    q, k, v, do = _inputs(shape)
     impls = _impls(causal, t)
     fwd = {name: jax.jit(f) for name, f in impls.items()}
     bwd = {name: jax.jit(_fwd_bwd(f)) for name, f in impls.items()}
@@ -62,41 +94,98 @@ def bench_case(shape, causal: bool, dtype=jnp.float32, rounds: int = 7):
         {nm: (lambda f=f: f(q, k, v, do)) for nm, f in bwd.items()}, rounds=rounds
     )
     pairs = t * (t + 1) // 2 if causal else t * t
-    flops = 4 * b * n * pairs * h
-    return t_fwd, t_bwd, flops
+    return t_fwd, t_bwd, 4 * b * n * pairs * h
+
+
+def speed_table(shapes, rounds: int) -> None:
+    c0 = matmul_ceiling_gflops()
+    names = ["jaxattn", "jax.nn", "flax.nnx"]
+    header = (
+        "| (B,T,N,H) | causal | pass | path | "
+        + " | ".join(f"{nm} ms" for nm in names)
+        + " | jaxattn GFLOP/s | % ceiling | ratio vs best peer |"
+    )
+    rows = []
+    for shape, causal in shapes:
+        t_fwd, t_bwd, flops = bench_case(shape, causal, rounds)
+        for label, times, work in (("fwd", t_fwd, flops), ("fwd+bwd", t_bwd, 3 * flops)):
+            rows.append((shape, causal, label, times, work))
+    c1 = matmul_ceiling_gflops()
+    ceiling = (c0 + c1) / 2
+    print(f"ceiling: 2048^3 float32 matmul = {c0:.1f} GFLOP/s before, {c1:.1f} after\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for shape, causal, label, times, work in rows:
+        best_peer = min(times["jax.nn"], times["flax.nnx"])
+        gflops = work / times["jaxattn"] / 1e9
+        cells = " | ".join(f"{times[nm] * 1e3:.3f}" for nm in names)
+        print(
+            f"| {shape} | {'yes' if causal else 'no'} | {label} | {_path(shape)} | {cells} | "
+            f"{gflops:.1f} | {100 * gflops / ceiling:.0f}% | "
+            f"{times['jaxattn'] / best_peer:.2f} |",
+            flush=True,
+        )
+
+
+def _temp_mib(f, *args) -> float:
+    compiled = jax.jit(f).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def memory_table(lengths, rounds: int) -> None:
+    """Causal forward+backward at (1, T, 8, 64): compiled temp memory and time vs T."""
+    print(
+        "\n| T | flash temp MiB | jax.nn temp MiB | flax.nnx temp MiB | flash fwd+bwd s | "
+        "jax.nn fwd+bwd s | flax.nnx fwd+bwd s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for t in lengths:
+        shape = (1, t, 8, 64)
+        spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+        impls = _impls(True, t, implementation="flash")
+        mem = {nm: _temp_mib(_fwd_bwd(f), spec, spec, spec, spec) for nm, f in impls.items()}
+        q, k, v, do = _inputs(shape)
+        timed = {nm: jax.jit(_fwd_bwd(f)) for nm, f in impls.items()}
+        if t > PEERS_TIMED_UP_TO:
+            timed = {"jaxattn": timed["jaxattn"]}
+        times = time_interleaved(
+            {nm: (lambda f=f: f(q, k, v, do)) for nm, f in timed.items()},
+            rounds=max(1, rounds // 2) if t >= 8192 else rounds,
+            min_seconds=0.0,
+        )
+        cell = lambda nm: f"{times[nm]:.3f}" if nm in times else "not run"  # noqa: E731
+        print(
+            f"| {t} | {mem['jaxattn']:.1f} | {mem['jax.nn']:.1f} | {mem['flax.nnx']:.1f} | "
+            f"{cell('jaxattn')} | {cell('jax.nn')} | {cell('flax.nnx')} |",
+            flush=True,
+        )
+
+
+def compile_time(t: int = 16384) -> None:
+    shape = (1, t, 8, 64)
+    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    f = _fwd_bwd(_impls(True, t, implementation="flash")["jaxattn"])
+    start = time.perf_counter()
+    jax.jit(f).lower(spec, spec, spec, spec).compile()
+    print(f"\ncompile flash causal forward+backward at {shape}: {time.perf_counter() - start:.2f} s")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small shape only")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", choices=["speed", "memory", "compile"], default=None)
     args = parser.parse_args(argv)
-    shapes = SHAPES[:1] if args.quick else SHAPES
-
-    ceiling = matmul_ceiling_gflops()
     print(f"machine: {machine()}")
-    print(f"ceiling: 2048^3 float32 matmul = {ceiling:.1f} GFLOP/s\n")
-    names = ["jaxattn", "jax.nn", "flax.nnx"]
-    header = (
-        "| (B,T,N,H) | causal | pass | "
-        + " | ".join(f"{nm} ms" for nm in names)
-        + " | jaxattn GFLOP/s | % ceiling | ratio vs best peer |"
-    )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for shape in shapes:
-        for causal in (False, True):
-            t_fwd, t_bwd, flops = bench_case(shape, causal, rounds=args.rounds)
-            for label, times, work in (("fwd", t_fwd, flops), ("fwd+bwd", t_bwd, 3 * flops)):
-                best_peer = min(times["jax.nn"], times["flax.nnx"])
-                gflops = work / times["jaxattn"] / 1e9
-                cells = " | ".join(f"{times[nm] * 1e3:.3f}" for nm in names)
-                print(
-                    f"| {shape} | {'yes' if causal else 'no'} | {label} | {cells} | "
-                    f"{gflops:.1f} | {100 * gflops / ceiling:.0f}% | "
-                    f"{times['jaxattn'] / best_peer:.2f} |",
-                    flush=True,
-                )
+    if args.quick:
+        speed_table(SPEED_CASES[:2], rounds=3)
+        return
+    if args.only in (None, "compile"):
+        compile_time()
+    if args.only in (None, "speed"):
+        speed_table(SPEED_CASES, args.rounds)
+    if args.only in (None, "memory"):
+        memory_table(MEMORY_LENGTHS, args.rounds)
 
 
 if __name__ == "__main__":

@@ -278,7 +278,7 @@ def _forward(geo: _Geo, masking: _Masking, q, k, v, scale):
         qs = _scaled_rows(q, b, q0, geo.bq, kh, geo, scale, acc)
 
         def visit(j, c, width, partial):
-            m, l, o = c
+            m, run_sum, o = c
             k0, cols = j * geo.bk, width * geo.bk
             kb, vb = _keys(k, b, k0, cols, kh), _keys(v, b, k0, cols, kh)
             s = jnp.einsum("RH,CH->RC", qs, kb, preferred_element_type=acc)  # logits
@@ -286,20 +286,20 @@ def _forward(geo: _Geo, masking: _Masking, q, k, v, scale):
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[:, None])
             alpha = jnp.exp(m - m_new)  # rescales what was summed under the old max
-            l = l * alpha + jnp.sum(p, axis=-1)
+            run_sum = run_sum * alpha + jnp.sum(p, axis=-1)
             pv = jnp.einsum("RC,CH->RH", p.astype(v.dtype), vb, preferred_element_type=acc)
-            return m_new, l, o * alpha[:, None] + pv
+            return m_new, run_sum, o * alpha[:, None] + pv
 
         init = (
             jnp.full((rows,), fill, acc),
             jnp.zeros((rows,), acc),
             jnp.zeros((rows, geo.hv), acc),
         )
-        m, l, o = _walk(sched, b if per_batch else 0, i, _branches(visit, geo.nk), init)
+        m, run_sum, o = _walk(sched, b if per_batch else 0, i, _branches(visit, geo.nk), init)
         # m == fill: the row saw no key (l >= 1 always, as exp(m - m) = 1 is in the sum).
         seen = m > fill
-        o = jnp.where(seen[:, None], o / l[:, None], 0.0)
-        row_lse = jnp.where(seen, m + jnp.log(l), jnp.inf)
+        o = jnp.where(seen[:, None], o / run_sum[:, None], 0.0)
+        row_lse = jnp.where(seen, m + jnp.log(run_sum), jnp.inf)
         out = lax.dynamic_update_slice(
             out, _unrows(o.astype(out.dtype), geo.bq, geo.g), _start(b, q0, kh * geo.g, 0)
         )

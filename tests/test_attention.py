@@ -15,7 +15,6 @@ from conftest import reference_attention
 
 import jaxattn as ja
 
-
 # Keyword arguments that select each implementation.
 IMPLS = {
     "reference": {"implementation": "reference"},
@@ -357,7 +356,7 @@ def test_jit_vmap_and_grad_compose(rng, impl):
     assert g.shape == q.shape and np.abs(g).sum() > 0
     # A traced scale works too and its gradient matches a central difference.
     ds = jax.grad(lambda s: ja.dot_product_attention(q, key, v, scale=s, **kw).sum())(0.5)
-    f = lambda s: float(ja.dot_product_attention(q, key, v, scale=s, **kw).sum())  # noqa: E731
+    f = lambda s: float(ja.dot_product_attention(q, key, v, scale=s, **kw).sum())
     np.testing.assert_allclose(ds, (f(0.5 + 1e-2) - f(0.5 - 1e-2)) / 2e-2, rtol=2e-2)
 
 
