@@ -148,15 +148,17 @@ def memory_table(lengths, rounds: int) -> None:
         timed = {nm: jax.jit(_fwd_bwd(f)) for nm, f in impls.items()}
         if t > PEERS_TIMED_UP_TO:
             timed = {"jaxattn": timed["jaxattn"]}
+        args = (q, k, v, do)
         times = time_interleaved(
-            {nm: (lambda f=f: f(q, k, v, do)) for nm, f in timed.items()},
+            {nm: (lambda f=f, args=args: f(*args)) for nm, f in timed.items()},
             rounds=max(1, rounds // 2) if t >= 8192 else rounds,
             min_seconds=0.0,
         )
-        cell = lambda nm: f"{times[nm]:.3f}" if nm in times else "not run"  # noqa: E731
+        cells = [f"{times[nm]:.3f}" if nm in times else "not run" for nm in mem]
         print(
             f"| {t} | {mem['jaxattn']:.1f} | {mem['jax.nn']:.1f} | {mem['flax.nnx']:.1f} | "
-            f"{cell('jaxattn')} | {cell('jax.nn')} | {cell('flax.nnx')} |",
+            + " | ".join(cells)
+            + " |",
             flush=True,
         )
 
@@ -167,7 +169,9 @@ def compile_time(t: int = 16384) -> None:
     f = _fwd_bwd(_impls(True, t, implementation="flash")["jaxattn"])
     start = time.perf_counter()
     jax.jit(f).lower(spec, spec, spec, spec).compile()
-    print(f"\ncompile flash causal forward+backward at {shape}: {time.perf_counter() - start:.2f} s")
+    print(
+        f"\ncompile flash causal forward+backward at {shape}: {time.perf_counter() - start:.2f} s"
+    )
 
 
 def main(argv=None) -> None:

@@ -298,7 +298,7 @@ def _check_blocks(block_sizes):
     return block_sizes
 
 
-def _cudnn_refusal(query, value, mask, bias, is_causal, return_weights, dims):
+def _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, dims):
     """Why the cuDNN kernel (through ``jax.nn``) cannot serve this call, or None if it can.
 
     Only cases whose semantics match ours exactly are sent there: no fully masked row can
@@ -316,6 +316,8 @@ def _cudnn_refusal(query, value, mask, bias, is_causal, return_weights, dims):
         return f"needs H == Hv, a multiple of 8 and <= 128, got H={h}, Hv={hv}"
     if return_weights:
         return "does not return weights"
+    if not isinstance(scale, (int, float)):
+        return "takes only the default scale (an explicit scale is traced under jit)"
     if bias is not None:
         return "is not used with a bias here"
     if mask is not None and not (type(mask) is CausalMask and mask.offset is None and t == s):
@@ -384,7 +386,6 @@ def dot_product_attention(
     _, t, s, *_, h, _ = dims
     if scale is None:
         scale = 1.0 / math.sqrt(h)
-    scale = jnp.asarray(scale, _acc(query.dtype))
     impl = implementation
     if return_weights and impl not in (None, "reference"):
         raise ValueError(
@@ -392,19 +393,19 @@ def dot_product_attention(
             "the other paths never build the [..., N, T, S] weights"
         )
     if impl in (None, "cudnn"):
-        why = _cudnn_refusal(query, value, mask, bias, is_causal, return_weights, dims)
+        why = _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, dims)
         if impl == "cudnn" and why is not None:
             raise ValueError(f"implementation='cudnn' cannot serve this call: it {why}")
         if why is None:
             impl = "cudnn"
     if impl is None:
         impl = "flash" if t * s >= FLASH_MIN_PAIRS and not return_weights else "reference"
-
     if impl == "cudnn":
         causal = is_causal or mask is not None  # the only mask let through is CausalMask()
         return jax.nn.dot_product_attention(
-            query, key, value, scale=scale, is_causal=causal, implementation="cudnn"
+            query, key, value, scale=float(scale), is_causal=causal, implementation="cudnn"
         )
+    scale = jnp.asarray(scale, _acc(query.dtype))
     if impl == "flash":
         spec = mask if isinstance(mask, MaskSpec) else None
         dense = None if isinstance(mask, MaskSpec) else mask
