@@ -99,3 +99,19 @@ def test_pre_and_post_norm_differ_and_post_output_is_normalised():
     assert not np.allclose(pre, post, atol=1e-3)
     np.testing.assert_allclose(post.mean(-1), 0.0, atol=1e-5)
     np.testing.assert_allclose(post.std(-1), 1.0, atol=1e-2)
+
+
+@pytest.mark.parametrize(("t", "path"), [(16, "reference"), (128, "flash")])
+def test_attention_layer_takes_the_dispatchers_path(t, path):
+    # The decoder's attention calls dot_product_attention with implementation=None: from
+    # 128 x 128 (query, key) pairs the dispatcher takes the blockwise path, whose custom VJP
+    # shows up in the program; both paths give the same layer output.
+    cfg = dataclasses.replace(CFG, max_len=t)
+    layer = MultiHeadAttention(cfg, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, t, 16)), jnp.float32)
+    program = str(jax.make_jaxpr(lambda x: layer(x))(x))
+    assert ("_flash" in program) == (path == "flash")
+    # Asking for the weights always takes the reference path.
+    out_reference, weights = layer(x, return_weights=True)
+    assert weights.shape == (2, 4, t, t)
+    np.testing.assert_allclose(layer(x), out_reference, atol=2e-5)
