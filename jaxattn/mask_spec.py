@@ -75,7 +75,7 @@ def _at(x, b):
     """Value of sequence ``b`` of a flattened per-sequence array (a scalar passes through)."""
     if x is None or isinstance(x, (int, np.integer)) or x.ndim == 0:
         return x
-    return x[b]
+    return jnp.asarray(x)[b]  # b may be traced: a NumPy array cannot take it as an index
 
 
 def _col(x, xp):
@@ -364,7 +364,7 @@ class SegmentMask(MaskSpec):
                 raise ValueError(f"{name} has length {ids.shape[-1]} but the attention has {size}")
 
     def _ids(self, ids, b, idx, size):
-        row = ids if ids.ndim == 1 else ids[b]
+        row = jnp.asarray(ids if ids.ndim == 1 else jnp.asarray(ids)[b])
         return row[jnp.minimum(idx, size - 1)]  # padded block positions read the last id
 
     def allowed(self, q_idx, k_idx, b, q_len, kv_len):
