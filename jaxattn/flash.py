@@ -51,7 +51,8 @@ _FILL_FRACTION = 0.7  # as the reference path: fill = 0.7 * finfo(acc).min
 
 
 class _Geo(NamedTuple):
-    """Static geometry: batch, lengths (padded), heads, head dims and block counts."""
+    """Static geometry: flattened batch, true lengths T and S (the arrays are padded to
+    ``nq * bq`` and ``nk * bk``), key heads, group size, head dims, block sizes and counts."""
 
     b: int
     t: int
@@ -210,7 +211,8 @@ def _logits_mask(geo, masking, b, kh, q0, rows, k0, cols):
     return ok
 
 
-def _bias_block(geo, bias, b, kh, q0, rows, k0, cols, acc):
+def _bias_block(geo, bias, b, kh, q0, rows, k0, cols):
+    """The bias of one block as ``[G * rows, cols]``."""
     return _fold(_block_of(bias, b, kh * geo.g, geo.g, q0, rows, k0, cols), geo.g, rows, cols)
 
 
@@ -221,7 +223,7 @@ def _masked_logits(s, geo, masking, b, kh, q0, rows, k0, cols, partial, key_majo
     fill = _fill(acc)
     orient = (lambda x: x.T) if key_major else (lambda x: x)
     if masking.bias is not None:
-        bias = _bias_block(geo, masking.bias, b, kh, q0, rows, k0, cols, acc).astype(acc)
+        bias = _bias_block(geo, masking.bias, b, kh, q0, rows, k0, cols).astype(acc)
         s = jnp.maximum(s + orient(bias), fill)  # a -inf bias masks like a False
     if partial:
         s = jnp.where(orient(_logits_mask(geo, masking, b, kh, q0, rows, k0, cols)), s, fill)
