@@ -329,8 +329,10 @@ class SegmentMask(MaskSpec):
     :func:`jaxattn.segment_mask`). Ids ``[*batch, T]`` and ``[*batch, S]``.
 
     Blocks are classified from the range of ids in each block: a block is empty when the
-    query and key id ranges do not overlap and full when both hold one and the same id, which
-    is exact for sorted (packed) ids; unsorted ids are correct but skip less.
+    query and key id ranges do not overlap and full when both hold one and the same id. This
+    is exact when queries and keys share one sorted id sequence (self-attention over packed
+    sequences); otherwise (unsorted ids, or different query and key ids) it is correct but
+    may visit blocks that turn out empty.
     """
 
     _fields = ("q_ids", "kv_ids")
