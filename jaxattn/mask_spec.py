@@ -15,8 +15,8 @@ the two descriptions cannot drift apart. Combine specs with ``&`` and ``|``.
 
 Positions follow :mod:`jaxattn.masks`: query ``t`` sits at ``t + offset``, with
 ``offset = S - T`` (bottom-right) by default. Per-sequence values (``[B]`` offsets, lengths,
-prefix lengths, ``[B, L]`` segment ids) have the leading batch dims of the query, or ``[B]``
-for the flattened batch.
+prefix lengths, ``[B, L]`` segment ids) have exactly the leading batch dims of the query
+(``[B1, B2]`` lengths for a ``[B1, B2, T, N, H]`` query); anything else is refused.
 
 Classification is exact for each basic mask and conservative for combinations: a block is
 called empty only if no pair in it may attend, full only if every pair may; anything else is

@@ -353,13 +353,13 @@ def _check_spec_flags(problem):
     np.testing.assert_array_equal(np.broadcast_to(traced_all, np.shape(all_)), all_)
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)
 @given(flag_problems(st.just(1)))
 def test_block_flags_of_basic_masks_are_exact(problem):
     _check_spec_flags(problem)
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(flag_problems(st.integers(2, 3)))
 def test_block_flags_of_combined_masks_are_sound(problem):
     _check_spec_flags(problem)
