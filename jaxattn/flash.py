@@ -7,10 +7,12 @@ recomputes each block's probabilities from ``lse`` as FlashAttention-2 does (Dao
 outer loop over key blocks carries dK and dV, dQ is accumulated in place. No ``T x S`` tensor
 exists in either pass.
 
-Work is cut into steps of one (sequence, key head, query block): the ``G`` query heads that
+Work is cut into steps of one (sequence, key heads, query block): the ``G`` query heads that
 share a key head are stacked along the query axis (``[G * block_q, H]``), so K and V are read
-once per group and never copied. Each (query block, key block) pair is classified from the
-mask's structure (:mod:`jaxattn.mask_spec`) or, for a bool array, by reducing it per block:
+once per group and never copied; the forward takes up to four key heads per step
+(:func:`_heads_per_step`), the backward one. Each (query block, key block) pair is
+classified from the mask's structure (:mod:`jaxattn.mask_spec`) or, for a bool array, by
+reducing it per block:
 
 - empty blocks are not visited: each query block walks a compacted list of its non-empty key
   blocks (a ``while`` loop with a data-dependent trip count, so traced lengths work too);
