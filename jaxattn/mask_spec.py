@@ -124,7 +124,11 @@ class MaskSpec:
 
     def batch_shape(self) -> tuple[int, ...]:
         """Leading batch shape of the per-sequence values, ``()`` when there are none."""
-        raise NotImplementedError
+        return self._batch
+
+    def _unflatten(self, mask):
+        """A ``[B, 1, T, S]`` mask built over the flattened batch -> ``[*batch, 1, T, S]``."""
+        return mask.reshape((*self._batch, *mask.shape[1:])) if self._batch else mask
 
     def allowed(self, q_idx, k_idx, b, q_len: int, kv_len: int):
         """bool ``[Tb, Sb]``: may query index ``q_idx[i]`` attend key index ``k_idx[j]``, in
@@ -139,13 +143,20 @@ class MaskSpec:
 
     def is_static(self) -> bool:
         """True when the block classification is known at trace time."""
-        raise NotImplementedError
+        return _static(*(getattr(self, f) for f in self._fields))
 
     def __and__(self, other):
         return _Combined("and", (self, _check_spec(other)))
 
     def __or__(self, other):
         return _Combined("or", (self, _check_spec(other)))
+
+
+def _joint_batch(name_a: str, a: tuple, name_b: str, b: tuple) -> tuple:
+    """The batch shape of two per-sequence values: equal, or one of them has none."""
+    if a and b and a != b:
+        raise ValueError(f"{name_a} has batch shape {a} but {name_b} has {b}")
+    return a or b
 
 
 def _check_spec(x):
@@ -170,15 +181,9 @@ class CausalMask(MaskSpec):
     def __init__(self, *, offset=None):
         self.offset, self._batch = _per_sequence("offset", offset, 0)
 
-    def batch_shape(self):
-        return self._batch
-
-    def is_static(self):
-        return _static(self.offset)
-
     def materialize(self, q_len, kv_len):
         mask = _m.causal_mask(q_len, kv_len, offset=_flat(self.offset, 0))
-        return mask.reshape((*self._batch, *mask.shape[1:])) if self._batch else mask
+        return self._unflatten(mask)
 
     def allowed(self, q_idx, k_idx, b, q_len, kv_len):
         pos = q_idx + _at(_flat(_offset(self.offset, q_len, kv_len), 0), b)
@@ -202,16 +207,10 @@ class SlidingWindowMask(MaskSpec):
         self.left, self.right = _m._window_pair(window)
         self.offset, self._batch = _per_sequence("offset", offset, 0)
 
-    def batch_shape(self):
-        return self._batch
-
-    def is_static(self):
-        return _static(self.offset)
-
     def materialize(self, q_len, kv_len):
         window = (self.left, self.right)
         mask = _m.sliding_window_mask(q_len, kv_len, window, offset=_flat(self.offset, 0))
-        return mask.reshape((*self._batch, *mask.shape[1:])) if self._batch else mask
+        return self._unflatten(mask)
 
     def allowed(self, q_idx, k_idx, b, q_len, kv_len):
         pos = (q_idx + _at(_flat(_offset(self.offset, q_len, kv_len), 0), b))[:, None]
@@ -236,20 +235,12 @@ class PrefixLMMask(MaskSpec):
     def __init__(self, prefix_len, *, offset=None):
         self.prefix_len, pb = _per_sequence("prefix_len", prefix_len, 0)
         self.offset, ob = _per_sequence("offset", offset, 0)
-        if pb and ob and pb != ob:
-            raise ValueError(f"prefix_len has batch shape {pb} but offset has {ob}")
-        self._batch = pb or ob
-
-    def batch_shape(self):
-        return self._batch
-
-    def is_static(self):
-        return _static(self.prefix_len, self.offset)
+        self._batch = _joint_batch("prefix_len", pb, "offset", ob)
 
     def materialize(self, q_len, kv_len):
         prefix = _flat(self.prefix_len, 0)
         mask = _m.prefix_lm_mask(q_len, kv_len, prefix_len=prefix, offset=_flat(self.offset, 0))
-        return mask.reshape((*self._batch, *mask.shape[1:])) if self._batch else mask
+        return self._unflatten(mask)
 
     def allowed(self, q_idx, k_idx, b, q_len, kv_len):
         pos = (q_idx + _at(_flat(_offset(self.offset, q_len, kv_len), 0), b))[:, None]
@@ -278,27 +269,19 @@ class PaddingMask(MaskSpec):
             raise ValueError("PaddingMask needs q_lengths, kv_lengths or both; got neither")
         self.q_lengths, qb = _per_sequence("q_lengths", q_lengths, 0)
         self.kv_lengths, kb = _per_sequence("kv_lengths", kv_lengths, 0)
-        if qb and kb and qb != kb:
-            raise ValueError(f"q_lengths has batch shape {qb} but kv_lengths has {kb}")
-        self._batch = qb or kb
-
-    def batch_shape(self):
-        return self._batch
-
-    def is_static(self):
-        return _static(self.q_lengths, self.kv_lengths)
+        self._batch = _joint_batch("q_lengths", qb, "kv_lengths", kb)
 
     def materialize(self, q_len, kv_len):
         b = math.prod(self._batch) if self._batch else 1
 
-        def lengths(x, size):
+        def lengths(x):
             if x is None:
                 return None
             return jnp.broadcast_to(jnp.asarray(_flat(x, 0), jnp.int32), (b,))
 
         mask = _m.padding_mask(
-            q_lengths=lengths(self.q_lengths, q_len),
-            kv_lengths=lengths(self.kv_lengths, kv_len),
+            q_lengths=lengths(self.q_lengths),
+            kv_lengths=lengths(self.kv_lengths),
             q_len=q_len,
             kv_len=kv_len,
         )
@@ -344,12 +327,6 @@ class SegmentMask(MaskSpec):
         if qb != kb:
             raise ValueError(f"q_segment_ids has batch shape {qb} but kv_segment_ids has {kb}")
         self._batch = qb
-
-    def batch_shape(self):
-        return self._batch
-
-    def is_static(self):
-        return _static(self.q_ids, self.kv_ids)
 
     def materialize(self, q_len, kv_len):
         self._check_lengths(q_len, kv_len)
@@ -422,9 +399,6 @@ class _Combined(MaskSpec):
         if len(shapes) > 1:
             raise ValueError(f"combined masks have different batch shapes: {sorted(shapes)}")
         self._batch = shapes.pop() if shapes else ()
-
-    def batch_shape(self):
-        return self._batch
 
     def is_static(self):
         return all(p.is_static() for p in self.parts)

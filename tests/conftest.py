@@ -48,6 +48,16 @@ def reference_attention(q, k, v, mask=None, bias=None, scale=None):
     return out, weights
 
 
+def qkv(rng, batch, t, s, n, k, h, hv=None, dtype=np.float32):
+    """Random query ``[*batch, T, N, H]``, key ``[*batch, S, K, H]``, value
+    ``[*batch, S, K, Hv]``."""
+    hv = h if hv is None else hv
+    q = rng.standard_normal((*batch, t, n, h)).astype(dtype)
+    key = rng.standard_normal((*batch, s, k, h)).astype(dtype)
+    v = rng.standard_normal((*batch, s, k, hv)).astype(dtype)
+    return q, key, v
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import reference_attention
+from conftest import qkv, reference_attention
 
 import jaxattn as ja
 
@@ -21,14 +21,6 @@ IMPLS = {
     "flash": {"implementation": "flash", "block_sizes": (2, 3)},
 }
 impls = pytest.mark.parametrize("impl", list(IMPLS))
-
-
-def qkv(rng, batch, t, s, n, k, h, hv=None, dtype=np.float32):
-    hv = h if hv is None else hv
-    q = rng.standard_normal((*batch, t, n, h)).astype(dtype)
-    key = rng.standard_normal((*batch, s, k, h)).astype(dtype)
-    v = rng.standard_normal((*batch, s, k, hv)).astype(dtype)
-    return q, key, v
 
 
 def _lengths(rng, batch, size):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import qkv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,14 +20,6 @@ from jaxattn.attention import FLASH_MIN_PAIRS
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def qkv(rng, batch, t, s, n, k, h, hv=None, dtype=np.float32):
-    hv = h if hv is None else hv
-    q = rng.standard_normal((*batch, t, n, h)).astype(dtype)
-    key = rng.standard_normal((*batch, s, k, h)).astype(dtype)
-    v = rng.standard_normal((*batch, s, k, hv)).astype(dtype)
-    return q, key, v
 
 
 def _sum_to(x, shape):
