@@ -9,8 +9,8 @@ exists in either pass.
 
 Work is cut into steps of one (sequence, key heads, query block): the ``G`` query heads that
 share a key head are stacked along the query axis (``[G * block_q, H]``), so K and V are read
-once per group and never copied; the forward takes up to four key heads per step
-(:func:`_heads_per_step`), the backward one. Each (query block, key block) pair is
+once per group and never copied; a step takes up to four key heads
+(:func:`_heads_per_step`). Each (query block, key block) pair is
 classified from the mask's structure (:mod:`jaxattn.mask_spec`) or, for a bool array, by
 reducing it per block:
 
@@ -227,8 +227,10 @@ def _masked_logits(s, geo, masking, b, head0, heads, q0, rows, k0, cols, partial
     acc = s.dtype
     fill = _fill(acc)
 
-    def orient(x):
-        return x.T if key_major else x.reshape(s.shape)
+    def orient(x):  # [heads * rows, cols] -> the layout of s
+        if key_major:
+            return jnp.swapaxes(x.reshape(*s.shape[:-2], -1, cols), -1, -2)
+        return x.reshape(s.shape)
 
     if masking.bias is not None:
         bias = _bias_block(masking.bias, b, head0, heads, q0, rows, k0, cols).astype(acc)
@@ -240,9 +242,10 @@ def _masked_logits(s, geo, masking, b, head0, heads, q0, rows, k0, cols, partial
 
 
 def _transposed(x):
-    """``x.T`` materialised: the barrier keeps XLA from folding the transpose back into the
-    next matmul as a transposed operand, which XLA:CPU runs 2.5x slower."""
-    return lax.optimization_barrier(x.T)
+    """The last two axes swapped and materialised: the barrier keeps XLA from folding the
+    transpose back into the next matmul as a transposed operand, which XLA:CPU runs 2.5x
+    slower."""
+    return lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
 def _branches(visit, cols: int):
@@ -275,10 +278,11 @@ def _scaled_rows(q, b, q0, rows, head0, heads, scale, acc):
 
 
 def _heads_per_step(geo: _Geo) -> int:
-    """Key heads per forward step: up to four, while a step holds at most 2048 query rows.
-    More work per op and fewer loop trips: at (2, 2048, 8, 64) causal on CPU, one head per
-    step took 101 ms, two 100 ms (within noise), four 78 ms, eight 79 ms (15 interleaved
-    rounds, one run)."""
+    """Key heads per step (forward and backward): up to four, while ``heads * G * block_q``
+    stays at most 2048. More work per op and fewer loop trips: at (2, 2048, 8, 64) causal on
+    CPU, the forward took 101 ms with one head per step, 100 ms with two, 78 ms with four,
+    79 ms with eight (15 interleaved rounds, one run); the forward+backward 393 ms with one
+    head per backward step, 359 ms with four (non-causal: 638 ms and 574 ms)."""
     for hb in (4, 2):
         if geo.k % hb == 0 and hb * geo.g * geo.bq <= 2048:
             return hb
@@ -349,13 +353,14 @@ def _add_block(buf, upd, start):
     return lax.dynamic_update_slice(buf, cur + upd.astype(buf.dtype), start)
 
 
-def _bias_cotangent(d_bias, ds, geo, b, kh, q0, rows, k0):
-    """Sum ``ds [G * rows, bk]`` onto the broadcast dims of the bias and add it in place."""
+def _bias_cotangent(d_bias, ds, geo, b, head0, heads, q0, rows, k0):
+    """Sum ``ds [Z, G * rows, bk]`` (query heads ``head0..head0+heads``) onto the broadcast
+    dims of the bias and add it in place."""
     bx, nx, tx, sx = d_bias.shape
-    blk = ds.reshape(geo.g, rows, geo.bk)
+    blk = ds.reshape(heads, rows, geo.bk)
     axes = tuple(a for a, size in enumerate((nx, tx, sx)) if size == 1)
     blk = jnp.sum(blk, axis=axes, keepdims=True)[None]
-    start = (b if bx > 1 else 0, kh * geo.g if nx > 1 else 0, q0 if tx > 1 else 0)
+    start = (b if bx > 1 else 0, head0 if nx > 1 else 0, q0 if tx > 1 else 0)
     return _add_block(d_bias, blk, (*start, k0 if sx > 1 else 0))
 
 
@@ -365,57 +370,67 @@ def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
     cls = _classify(geo, masking.spec, masking.mask)
     sched = _schedule(jnp.swapaxes(jnp.asarray(cls), -1, -2))  # per key block: query blocks
     per_batch = sched.count.shape[0] > 1
+    hb = _heads_per_step(geo)  # Z: key heads per step, each with its G query heads
+    groups, heads = geo.k // hb, hb * geo.g
     # rowsum(dP * P) = rowsum(dO * O): one pass over O instead of one per block.
     delta = jnp.swapaxes(jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1), 1, 2)
 
     def key_block(r, carry):
         dq, dk, dv, d_bias = carry
         r = jnp.asarray(r, jnp.int32)  # int64 under x64: every slice index must be int32
-        b, kh, j = r // (geo.k * geo.nk), (r // geo.nk) % geo.k, r % geo.nk
-        k0 = j * geo.bk
-        kb, vb = _keys(k, b, k0, geo.bk, kh, 1)[0], _keys(v, b, k0, geo.bk, kh, 1)[0]
+        b, z, j = r // (groups * geo.nk), (r // geo.nk) % groups, r % geo.nk
+        k0, head0 = j * geo.bk, z * heads
+        kb, vb = _keys(k, b, k0, geo.bk, z * hb, hb), _keys(v, b, k0, geo.bk, z * hb, hb)
 
         def visit(i, c, width, partial):
             dq, dkj, dvj, d_bias = c
             q0, rows = i * geo.bq, width * geo.bq
-            qs = _scaled_rows(q, b, q0, rows, kh * geo.g, geo.g, scale, acc)
-            do = _rows(d_out, b, q0, rows, kh * geo.g, geo.g).astype(v.dtype)
-            lse_r = lax.dynamic_slice(lse, _start(b, kh * geo.g, q0), (1, geo.g, rows)).reshape(
-                1, -1
+            qs = _scaled_rows(q, b, q0, rows, head0, heads, scale, acc).reshape(hb, -1, geo.h)
+            do = _rows(d_out, b, q0, rows, head0, heads).astype(v.dtype).reshape(hb, -1, geo.hv)
+            lse_r, delta_r = (
+                lax.dynamic_slice(x, _start(b, head0, q0), (1, heads, rows)).reshape(hb, 1, -1)
+                for x in (lse, delta)
             )
-            delta_r = lax.dynamic_slice(delta, _start(b, kh * geo.g, q0), (1, geo.g, rows)).reshape(
-                1, -1
-            )
-            # Key-major [C, R] blocks: every matmul but one then contracts over the last axis
-            # of its left operand, XLA:CPU's fast form (a transposed left operand was measured
-            # 2.5x slower); the one left, for dQ, gets an explicit transpose (_transposed).
-            s_t = jnp.einsum("CH,RH->CR", kb, qs, preferred_element_type=acc)  # logits^T
+            # Key-major [Z, C, R] blocks: every matmul but one then contracts over the last
+            # axis of its left operand, XLA:CPU's fast form (a transposed left operand was
+            # measured 2.5x slower); the one left, for dQ, gets an explicit transpose.
+            s_t = jnp.einsum("ZCH,ZRH->ZCR", kb, qs, preferred_element_type=acc)  # logits^T
             s_t = _masked_logits(
-                s_t, geo, masking, b, kh * geo.g, geo.g, q0, rows, k0, geo.bk, partial, True
+                s_t, geo, masking, b, head0, heads, q0, rows, k0, geo.bk, partial, True
             )
             p_t = jnp.exp(s_t - lse_r)  # exactly 0 where masked and on rows with no key
-            dvj = dvj + jnp.einsum("CR,RH->CH", p_t.astype(v.dtype), do, preferred_element_type=acc)
-            dp_t = jnp.einsum("CH,RH->CR", vb, do, preferred_element_type=acc)
+            pv_t = p_t.astype(v.dtype)
+            dvj = dvj + jnp.einsum("ZCR,ZRH->ZCH", pv_t, do, preferred_element_type=acc)
+            dp_t = jnp.einsum("ZCH,ZRH->ZCR", vb, do, preferred_element_type=acc)
             ds_t = p_t * (dp_t - delta_r)  # d logits^T
             if d_bias is not None:
-                d_bias = _bias_cotangent(d_bias, ds_t.T, geo, b, kh, q0, rows, k0)
+                ds = jnp.swapaxes(ds_t, -1, -2)
+                d_bias = _bias_cotangent(d_bias, ds, geo, b, head0, heads, q0, rows, k0)
             ds_t = ds_t.astype(q.dtype)
-            dkj = dkj + jnp.einsum("CR,RH->CH", ds_t, qs, preferred_element_type=acc)
-            dq_blk = jnp.einsum("RC,CH->RH", _transposed(ds_t), kb, preferred_element_type=acc)
-            dq = _add_block(dq, _unrows(dq_blk, rows, geo.g), _start(b, q0, kh * geo.g, 0))
+            dkj = dkj + jnp.einsum("ZCR,ZRH->ZCH", ds_t, qs, preferred_element_type=acc)
+            dq_blk = jnp.einsum("ZRC,ZCH->ZRH", _transposed(ds_t), kb, preferred_element_type=acc)
+            dq_blk = _unrows(dq_blk.reshape(heads * rows, geo.h), rows, heads)
+            dq = _add_block(dq, dq_blk, _start(b, q0, head0, 0))
             return dq, dkj, dvj, d_bias
 
-        init = (dq, jnp.zeros((geo.bk, geo.h), acc), jnp.zeros((geo.bk, geo.hv), acc), d_bias)
+        init = (
+            dq,
+            jnp.zeros((hb, geo.bk, geo.h), acc),
+            jnp.zeros((hb, geo.bk, geo.hv), acc),
+            d_bias,
+        )
         dq, dkj, dvj, d_bias = _walk(
             sched, b if per_batch else 0, j, _branches(visit, geo.nq), init
         )
-        dk = lax.dynamic_update_slice(dk, dkj.astype(dk.dtype)[None, :, None], _start(b, k0, kh, 0))
-        dv = lax.dynamic_update_slice(dv, dvj.astype(dv.dtype)[None, :, None], _start(b, k0, kh, 0))
+        start = _start(b, k0, z * hb, 0)
+        dk = lax.dynamic_update_slice(dk, jnp.swapaxes(dkj, 0, 1)[None].astype(dk.dtype), start)
+        dv = lax.dynamic_update_slice(dv, jnp.swapaxes(dvj, 0, 1)[None].astype(dv.dtype), start)
         return dq, dk, dv, d_bias
 
     d_bias = None if masking.bias is None else jnp.zeros(masking.bias.shape, acc)
     init = (jnp.zeros(q.shape, acc), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
-    dq, dk, dv, d_bias = lax.fori_loop(0, geo.b * geo.k * geo.nk, key_block, (*init, d_bias))
+    steps = geo.b * groups * geo.nk
+    dq, dk, dv, d_bias = lax.fori_loop(0, steps, key_block, (*init, d_bias))
     d_scale = jnp.sum(dq * q.astype(acc))  # d/d scale of scale * (q . k) summed over rows
     return (dq * scale).astype(q.dtype), dk, dv, d_bias, d_scale
 
