@@ -246,9 +246,14 @@ def _core_bwd(t, return_weights, empty_rows, residuals, cotangent):
         value,
         preferred_element_type=acc,
     )
+    # delta = rowsum(dW * W): the dW that comes through O gives rowsum(dO * O) (one pass over
+    # O instead of one over the [T, S] weights); a cotangent of the returned weights adds
+    # its own term.
+    delta = jnp.sum(d_out * out, axis=-1, keepdims=True)
     if d_weights is not None:
-        d_w = d_w + d_weights.reshape(d_w.shape)
-    delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # rowsum(dW * W) = rowsum(dO * O)
+        d_weights = d_weights.reshape(d_w.shape).astype(acc)
+        d_w = d_w + d_weights
+        delta = delta + jnp.sum(d_weights * w_f, axis=-1, keepdims=True)
     d_logits = w_f * (d_w - delta)  # [..., K, G*T, S], accumulation dtype
     d_qk = d_logits.astype(qf.dtype)
     d_q_unscaled = jnp.einsum("...KTS,...SKH->...KTH", d_qk, key, preferred_element_type=acc)

@@ -228,15 +228,20 @@ class TestFullyMaskedRows:
         np.testing.assert_array_equal(out[:, 2], 0.0)
 
 
-def _ref64(q, k, v, mask, bias, scale):
-    """The formula in float64 jnp, differentiable; masked rows zeroed by a 0/1 factor."""
+def _ref64_with_weights(q, k, v, mask, bias, scale):
+    """The formula in float64 jnp, differentiable; masked rows zeroed by a 0/1 factor.
+    Returns (out, weights)."""
     g = q.shape[-2] // k.shape[-2]
     k, v = jnp.repeat(k, g, axis=-2), jnp.repeat(v, g, axis=-2)
     logits = jnp.einsum("...tnh,...snh->...nts", q, k) * scale + bias
     mask = jnp.broadcast_to(mask, logits.shape)
     logits = jnp.where(mask, logits, -1e300)
     w = jax.nn.softmax(logits, axis=-1) * jnp.any(mask, axis=-1, keepdims=True)
-    return jnp.einsum("...nts,...snh->...tnh", w, v)
+    return jnp.einsum("...nts,...snh->...tnh", w, v), w
+
+
+def _ref64(q, k, v, mask, bias, scale):
+    return _ref64_with_weights(q, k, v, mask, bias, scale)[0]
 
 
 @pytest.mark.parametrize(("n", "k", "t", "s"), [(4, 4, 5, 5), (4, 2, 3, 6), (6, 2, 6, 4)])
@@ -273,6 +278,35 @@ def test_gradients_match_float64_reference(n, k, t, s, impl):
             assert a.dtype == jnp.float64, name
             np.testing.assert_allclose(a, b, atol=1e-10, rtol=1e-9, err_msg=name)
         np.testing.assert_array_equal(g_ours[0][0, 0], 0.0)
+
+
+def test_gradients_through_returned_weights_match_float64_reference():
+    # A loss of both outputs: the weights' cotangent adds its own rowsum(dW * W) term to the
+    # softmax backward (a model that reuses the weights, e.g. dropout on them, needs it).
+    rng = np.random.default_rng(4)
+    with jax.enable_x64(True):
+        q, key, v = (jnp.asarray(x) for x in qkv(rng, (2,), 5, 6, 4, 2, 8, 6, np.float64))
+        mask = np.array(jnp.asarray(rng.random((2, 1, 5, 6)) < 0.7))
+        mask[1, 0, 2] = False  # a fully masked row
+        mask = jnp.asarray(mask)
+        ct_out = jnp.asarray(rng.standard_normal((2, 5, 4, 6)))
+        ct_w = jnp.asarray(rng.standard_normal((2, 4, 5, 6)))
+
+        def ours(q, key, v):
+            out, w = ja.dot_product_attention(
+                q, key, v, mask=mask, return_weights=True, implementation="reference"
+            )
+            return jnp.sum(out * ct_out) + jnp.sum(w**2 * ct_w)
+
+        def ref(q, key, v):
+            out, w = _ref64_with_weights(q, key, v, mask, 0.0, 1 / np.sqrt(8))
+            return jnp.sum(out * ct_out) + jnp.sum(w**2 * ct_w)
+
+        g_ours = jax.grad(ours, argnums=(0, 1, 2))(q, key, v)
+        g_ref = jax.grad(ref, argnums=(0, 1, 2))(q, key, v)
+        for name, a, b in zip(("query", "key", "value"), g_ours, g_ref, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-10, rtol=1e-9, err_msg=name)
+        np.testing.assert_array_equal(g_ours[0][1, 2], 0.0)
 
 
 @impls

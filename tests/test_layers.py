@@ -77,6 +77,31 @@ def test_attention_dropout_only_with_a_key():
     assert not np.allclose(mha(x), mha(x, key=jax.random.key(3)), atol=1e-4)
 
 
+def test_attention_dropout_gradient_matches_the_formula():
+    # With attention dropout the layer differentiates through the returned weights; its
+    # gradient must equal autodiff of the formula with the same dropout mask.
+    cfg = dataclasses.replace(CFG, attention_dropout=0.3, num_kv_heads=2)
+    mha = MultiHeadAttention(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    key = jax.random.key(7)
+    keep = dropout(jnp.ones((2, 4, 5, 5)), 0.3, key)  # the layer's mask, as 0 or 1 / 0.7
+
+    def formula(x):
+        q = mha.q_proj(x).reshape(2, 5, 4, 4)
+        k = jnp.repeat(mha.k_proj(x).reshape(2, 5, 2, 4), 2, axis=2)
+        v = jnp.repeat(mha.v_proj(x).reshape(2, 5, 2, 4), 2, axis=2)
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k) / 2.0
+        logits = jnp.where(jnp.tril(jnp.ones((5, 5), bool)), logits, -jnp.inf)
+        w = jax.nn.softmax(logits, axis=-1) * keep
+        return mha.out_proj(jnp.einsum("bnts,bsnh->btnh", w, v).reshape(2, 5, 16))
+
+    ct = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    ours = jax.grad(lambda x: jnp.sum(mha(x, key=key) * ct))(x)
+    ref = jax.grad(lambda x: jnp.sum(formula(x) * ct))(x)
+    np.testing.assert_allclose(mha(x, key=key), formula(x), atol=1e-5)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_dropout_keeps_the_mean_and_is_identity_without_key():
     x = jnp.ones((20000,))
     np.testing.assert_array_equal(dropout(x, 0.5, None), x)
