@@ -13,6 +13,7 @@ from jaxattn.config import Config as Config
 from jaxattn.config import ConfigError as ConfigError
 from jaxattn.config import load_config as load_config
 from jaxattn.decoding import generate as generate
+from jaxattn.dropout import attention_dropout_mask as attention_dropout_mask
 from jaxattn.mask_spec import CausalMask as CausalMask
 from jaxattn.mask_spec import MaskSpec as MaskSpec
 from jaxattn.mask_spec import PaddingMask as PaddingMask

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxattn import flash
+from jaxattn import dropout, flash
 from jaxattn.mask_spec import CausalMask, MaskSpec
 from jaxattn.masks import and_masks, causal_mask
 
@@ -192,21 +192,40 @@ def _weighted_sum(weights, value, t):
     return jnp.einsum("...KTS,...SKH->...KTH", w, value, preferred_element_type=_acc(value.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _core(t, return_weights, empty_rows, qf, key, value, mask_g, bias_g, scale):
+def _dropout_scale(seed, rate: float, shape, dtype):
+    """``1 / (1 - rate)`` where a weight of the grouped ``[..., K, G, T, S]`` layout is kept,
+    0 where it is dropped (:mod:`jaxattn.dropout`: the mask every path regenerates)."""
+    *batch, k, g, t, s = shape
+    lead = (1,) * len(batch)
+    flat = math.prod(batch)
+    b = jnp.arange(flat, dtype=jnp.int32).reshape((*batch, 1, 1, 1, 1))
+    n = (jnp.arange(k)[:, None] * g + jnp.arange(g)[None, :]).reshape((*lead, k, g, 1, 1))
+    t_idx = jnp.arange(t).reshape((*lead, 1, 1, t, 1))
+    s_idx = jnp.arange(s).reshape((*lead, 1, 1, 1, s))
+    kept = dropout.keep(seed, rate, b, n, t_idx, s_idx)
+    return jnp.where(kept, 1.0 / (1.0 - rate), 0.0).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _core(t, return_weights, empty_rows, rate, qf, key, value, mask_g, bias_g, scale, seed):
     """Folded attention with the analytic backward.
 
     Static: ``t`` (T), ``return_weights``, ``empty_rows`` (False when no row can be fully
-    masked, which skips the guard that zeroes such rows).
+    masked, which skips the guard that zeroes such rows), ``rate`` (dropout on the weights,
+    with ``seed`` the two words of :func:`jaxattn.dropout.seed_words`; 0 for none).
     """
-    return _core_fwd(t, return_weights, empty_rows, qf, key, value, mask_g, bias_g, scale)[0]
+    args = (qf, key, value, mask_g, bias_g, scale, seed)
+    return _core_fwd(t, return_weights, empty_rows, rate, *args)[0]
 
 
-def _core_fwd(t, return_weights, empty_rows, qf, key, value, mask_g, bias_g, scale):
+def _core_fwd(t, return_weights, empty_rows, rate, qf, key, value, mask_g, bias_g, scale, seed):
     weights = _weights(qf, key, mask_g, bias_g, scale, t, empty_rows)
-    out = _weighted_sum(weights, value, t)  # accumulation dtype
-    primal = (out, weights) if return_weights else out
-    return primal, (qf, key, value, bias_g, scale, weights, out)
+    used = weights  # the weights that multiply V: dropped and rescaled under dropout
+    if rate:
+        used = weights * _dropout_scale(seed, rate, weights.shape, weights.dtype)
+    out = _weighted_sum(used, value, t)  # accumulation dtype
+    primal = (out, used) if return_weights else out
+    return primal, (qf, key, value, bias_g, scale, weights, out, seed)
 
 
 def _transposed(x):
@@ -220,14 +239,20 @@ def _transposed(x):
     return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
-def _core_bwd(t, return_weights, empty_rows, residuals, cotangent):
+def _core_bwd(t, return_weights, empty_rows, rate, residuals, cotangent):
     # The analytic softmax backward (written out, not autodiff'd): it reuses the saved
     # weights and costs four matmuls, where autodiff of the forward costs about twice as much
     # on CPU. Weights are 0 at masked keys and on fully masked rows, so dS is 0 there too.
-    qf, key, value, bias_g, scale, weights, out = residuals
+    # Under dropout, U = W * D (D: 0 or 1 / (1 - rate), regenerated) multiplies V, so
+    # dW = dU * D and rowsum(dW * W) = rowsum(dU * U).
+    qf, key, value, bias_g, scale, weights, out, seed = residuals
     d_out, d_weights = cotangent if return_weights else (cotangent, None)
     *batch, k, g, _, s = weights.shape
     w_f = weights.reshape((*batch, k, g * t, s))
+    drop = None
+    if rate:
+        drop = _dropout_scale(seed, rate, weights.shape, weights.dtype).reshape(w_f.shape)
+    used_f = w_f if drop is None else w_f * drop
     acc = _acc(qf.dtype)
     d_out = d_out.astype(acc)
     # Key-side gradients come out as [..., K, S, H] (a plain batched matmul, which XLA:CPU
@@ -235,7 +260,7 @@ def _core_bwd(t, return_weights, empty_rows, residuals, cotangent):
     # back to a slower generic dot) and are transposed afterwards.
     d_value = jnp.einsum(
         "...KST,...KTH->...KSH",
-        _transposed(w_f.astype(value.dtype)),
+        _transposed(used_f.astype(value.dtype)),
         d_out.astype(value.dtype),
         preferred_element_type=acc,
     )
@@ -246,14 +271,16 @@ def _core_bwd(t, return_weights, empty_rows, residuals, cotangent):
         value,
         preferred_element_type=acc,
     )
-    # delta = rowsum(dW * W): the dW that comes through O gives rowsum(dO * O) (one pass over
+    # delta = rowsum(dU * U): the dU that comes through O gives rowsum(dO * O) (one pass over
     # O instead of one over the [T, S] weights); a cotangent of the returned weights adds
     # its own term.
     delta = jnp.sum(d_out * out, axis=-1, keepdims=True)
     if d_weights is not None:
         d_weights = d_weights.reshape(d_w.shape).astype(acc)
         d_w = d_w + d_weights
-        delta = delta + jnp.sum(d_weights * w_f, axis=-1, keepdims=True)
+        delta = delta + jnp.sum(d_weights * used_f, axis=-1, keepdims=True)
+    if drop is not None:
+        d_w = d_w * drop
     d_logits = w_f * (d_w - delta)  # [..., K, G*T, S], accumulation dtype
     d_qk = d_logits.astype(qf.dtype)
     d_q_unscaled = jnp.einsum("...KTS,...SKH->...KTH", d_qk, key, preferred_element_type=acc)
@@ -268,19 +295,21 @@ def _core_bwd(t, return_weights, empty_rows, residuals, cotangent):
             i for i, (a, b) in enumerate(zip(bias_g.shape, d_l.shape, strict=True)) if a != b
         )
         d_bias = jnp.sum(d_l, axis=axes, keepdims=True).astype(bias_g.dtype)
-    return d_qf, d_key, d_value, None, d_bias, d_scale
+    return d_qf, d_key, d_value, None, d_bias, d_scale, None
 
 
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _reference(query, key, value, mask, bias, scale, return_weights, empty_rows, dims):
+def _reference(query, key, value, mask, bias, scale, return_weights, empty_rows, drop, dims):
     batch, t, s, n, k, g, _, _ = dims
     nb = len(batch)
     qf = _fold_queries(query, k, g)
     mask_g = None if mask is None else _grouped(mask, nb, k, g)
     bias_g = None if bias is None else _grouped(bias, nb, k, g)
-    result = _core(t, return_weights, empty_rows, qf, key, value, mask_g, bias_g, scale)
+    rate, seed = drop
+    args = (qf, key, value, mask_g, bias_g, scale, seed)
+    result = _core(t, return_weights, empty_rows, rate, *args)
     out, weights = result if return_weights else (result, None)
     out = _unfold_queries(out, t).astype(query.dtype)
     if not return_weights:
@@ -303,7 +332,7 @@ def _check_blocks(block_sizes):
     return block_sizes
 
 
-def _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, dims):
+def _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, rate, dims):
     """Why the cuDNN kernel (through ``jax.nn``) cannot serve this call, or None if it can.
 
     Only cases whose semantics match ours exactly are sent there: no fully masked row can
@@ -325,6 +354,8 @@ def _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, d
         return "takes only the default scale (an explicit scale is traced under jit)"
     if bias is not None:
         return "is not used with a bias here"
+    if rate:
+        return "is not used with dropout here (its dropout mask is not this package's)"
     if mask is not None and not (type(mask) is CausalMask and mask.offset is None and t == s):
         return "takes no mask here other than CausalMask() with T == S; use is_causal"
     if is_causal and t != s:
@@ -333,7 +364,14 @@ def _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, d
 
 
 @functools.partial(
-    jax.jit, static_argnames=("is_causal", "return_weights", "implementation", "block_sizes")
+    jax.jit,
+    static_argnames=(
+        "is_causal",
+        "return_weights",
+        "implementation",
+        "block_sizes",
+        "dropout_rate",
+    ),
 )
 def dot_product_attention(
     query,
@@ -347,6 +385,8 @@ def dot_product_attention(
     return_weights: bool = False,
     implementation: str | None = None,
     block_sizes: tuple[int, int] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key=None,
 ):
     """Scaled dot-product attention, softmax(Q K^T * scale + bias, masked) V.
 
@@ -376,9 +416,15 @@ def dot_product_attention(
         kernel. Asking for a path that cannot serve the call raises ``ValueError``.
       block_sizes: ``(block_q, block_k)`` of the flash path; default by backend
         (``jaxattn.flash.DEFAULT_BLOCKS``).
+      dropout_rate: dropout on the attention weights, in [0, 1): each weight is zeroed with
+        this probability and the kept ones are scaled by ``1 / (1 - dropout_rate)``.
+      dropout_key: PRNG key of the dropout, needed when ``dropout_rate > 0``. The mask is
+        a hash of (key, sequence, head, query, key position), so every path and every block
+        size drops the same weights (:func:`jaxattn.attention_dropout_mask` returns it).
 
     Returns:
-      ``[..., T, N, Hv]`` in the input dtype, and the weights if asked for.
+      ``[..., T, N, Hv]`` in the input dtype, and the weights if asked for (after dropout:
+      the weights that multiplied V).
 
     Numerics and edges: query, key and value share one floating dtype; logits and softmax
     run in float32 and the output is cast back. A query row whose every key is masked
@@ -388,6 +434,12 @@ def dot_product_attention(
     """
     dims = _check_inputs(query, key, value, mask, bias, implementation)
     block_sizes = _check_blocks(block_sizes)
+    rate = dropout.check_rate(dropout_rate)
+    seed = None
+    if rate:
+        if dropout_key is None:
+            raise ValueError(f"dropout_rate={rate} needs a dropout_key (a PRNG key), got None")
+        seed = dropout.seed_words(dropout_key)
     _, t, s, *_, h, _ = dims
     if scale is None:
         scale = 1.0 / math.sqrt(h)
@@ -398,7 +450,7 @@ def dot_product_attention(
             "the other paths never build the [..., N, T, S] weights"
         )
     if impl in (None, "cudnn"):
-        why = _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, dims)
+        why = _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, rate, dims)
         if impl == "cudnn" and why is not None:
             raise ValueError(f"implementation='cudnn' cannot serve this call: it {why}")
         if why is None:
@@ -427,6 +479,7 @@ def dot_product_attention(
             scale=scale,
             block_q=bq,
             block_k=bk,
+            dropout=(rate, seed),
         )
     # Only a user mask, a bias (-inf entries) or causal attention with more queries than keys
     # can leave a query row with no key at all.
@@ -436,4 +489,5 @@ def dot_product_attention(
     if is_causal:
         causal = causal_mask(t, s)
         mask = causal if mask is None else and_masks(mask, causal)
-    return _reference(query, key, value, mask, bias, scale, return_weights, empty_rows, dims)
+    drop = (rate, seed)
+    return _reference(query, key, value, mask, bias, scale, return_weights, empty_rows, drop, dims)

@@ -27,6 +27,10 @@ logits get the same finite fill as the reference path so the running max stays f
 probabilities are cast to the value dtype for the P V matmul (as fused kernels do). A row that
 sees no key ends with ``m == fill``: its output is 0 and its ``lse`` is ``+inf``, which makes
 its recomputed probabilities, and so all its gradients, exactly 0.
+
+Dropout (:mod:`jaxattn.dropout`) scales each block's probabilities by a keep factor hashed
+from their global positions after the running sum has taken them (the sum is of the weights
+before dropout); the backward hashes the same factors again, so no mask is ever stored.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxattn import dropout as dropout_lib
 
 __all__ = ["DEFAULT_BLOCKS", "WIDTHS", "flash_attention"]
 
@@ -54,7 +60,8 @@ _FILL_FRACTION = 0.7  # as the reference path: fill = 0.7 * finfo(acc).min
 
 class _Geo(NamedTuple):
     """Static geometry: flattened batch, true lengths T and S (the arrays are padded to
-    ``nq * bq`` and ``nk * bk``), key heads, group size, head dims, block sizes and counts."""
+    ``nq * bq`` and ``nk * bk``), key heads, group size, head dims, block sizes and counts,
+    and the dropout rate (0 for none)."""
 
     b: int
     t: int
@@ -67,6 +74,7 @@ class _Geo(NamedTuple):
     bk: int
     nq: int
     nk: int
+    rate: float = 0.0
 
 
 def _acc(dtype):
@@ -193,11 +201,13 @@ def _fold(x, g, rows, cols):
 
 
 class _Masking(NamedTuple):
-    """What a partial block needs: the structured spec, a dense mask, a bias (any may be None)."""
+    """What a block needs besides Q, K, V: the structured spec, a dense mask and a bias (for
+    partial blocks), the dropout seed (every block under dropout); any may be None."""
 
     spec: object
     mask: object
     bias: object
+    seed: object = None
 
 
 def _logits_mask(geo, masking, b, head0, heads, q0, rows, k0, cols):
@@ -226,19 +236,31 @@ def _masked_logits(s, geo, masking, b, head0, heads, q0, rows, k0, cols, partial
     ``[cols, heads * rows]`` when ``key_major``)."""
     acc = s.dtype
     fill = _fill(acc)
-
-    def orient(x):  # [heads * rows, cols] -> the layout of s
-        if key_major:
-            return jnp.swapaxes(x.reshape(*s.shape[:-2], -1, cols), -1, -2)
-        return x.reshape(s.shape)
-
     if masking.bias is not None:
         bias = _bias_block(masking.bias, b, head0, heads, q0, rows, k0, cols).astype(acc)
-        s = jnp.maximum(s + orient(bias), fill)  # a -inf bias masks like a False
+        s = jnp.maximum(s + _orient(bias, s.shape, key_major), fill)  # -inf masks as False
     if partial:
         ok = _logits_mask(geo, masking, b, head0, heads, q0, rows, k0, cols)
-        s = jnp.where(orient(ok), s, fill)
+        s = jnp.where(_orient(ok, s.shape, key_major), s, fill)
     return s
+
+
+def _orient(x, shape, key_major: bool):
+    """``[heads * rows, cols]`` -> a block's ``shape``: query-major ``[..., rows', cols]``
+    or key-major ``[..., cols, rows']``."""
+    if key_major:
+        return jnp.swapaxes(x.reshape(*shape[:-2], shape[-1], shape[-2]), -1, -2)
+    return x.reshape(shape)
+
+
+def _dropout_block(geo, seed, b, head0, heads, q0, rows, k0, cols, dtype):
+    """``[heads * rows, cols]``: ``1 / (1 - rate)`` where the weight is kept, 0 where it is
+    dropped; the mask of :mod:`jaxattn.dropout` at these global positions."""
+    n = head0 + jnp.arange(heads, dtype=jnp.int32).reshape(heads, 1, 1)
+    t = q0 + jnp.arange(rows, dtype=jnp.int32).reshape(1, rows, 1)
+    s = k0 + jnp.arange(cols, dtype=jnp.int32).reshape(1, 1, cols)
+    kept = dropout_lib.keep(seed, geo.rate, b, n, t, s)
+    return jnp.where(kept, 1.0 / (1.0 - geo.rate), 0.0).astype(dtype).reshape(heads * rows, cols)
 
 
 def _transposed(x):
@@ -315,7 +337,12 @@ def _forward(geo: _Geo, masking: _Masking, q, k, v, scale):
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)  # rescales what was summed under the old max
-            run_sum = run_sum * alpha + jnp.sum(p, axis=-1)
+            run_sum = run_sum * alpha + jnp.sum(p, axis=-1)  # the sum before dropout
+            if geo.rate:
+                drop = _dropout_block(
+                    geo, masking.seed, b, head0, hb * geo.g, q0, geo.bq, k0, cols, acc
+                )
+                p = p * drop.reshape(p.shape)
             pv = jnp.einsum("ZRC,ZCH->ZRH", p.astype(v.dtype), vb, preferred_element_type=acc)
             return m_new, run_sum, o * alpha[..., None] + pv
 
@@ -399,9 +426,19 @@ def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
                 s_t, geo, masking, b, head0, heads, q0, rows, k0, geo.bk, partial, True
             )
             p_t = jnp.exp(s_t - lse_r)  # exactly 0 where masked and on rows with no key
-            pv_t = p_t.astype(v.dtype)
-            dvj = dvj + jnp.einsum("ZCR,ZRH->ZCH", pv_t, do, preferred_element_type=acc)
+            # Under dropout U = P * D multiplies V: dV = U^T dO, dP = dU * D, and
+            # rowsum(dP * P) = rowsum(dO * O) still (delta).
+            drop_t = None
+            if geo.rate:
+                drop = _dropout_block(geo, masking.seed, b, head0, heads, q0, rows, k0, geo.bk, acc)
+                drop_t = _orient(drop, p_t.shape, True)
+            u_t = p_t if drop_t is None else p_t * drop_t
+            dvj = dvj + jnp.einsum(
+                "ZCR,ZRH->ZCH", u_t.astype(v.dtype), do, preferred_element_type=acc
+            )
             dp_t = jnp.einsum("ZCH,ZRH->ZCR", vb, do, preferred_element_type=acc)
+            if drop_t is not None:
+                dp_t = dp_t * drop_t
             ds_t = p_t * (dp_t - delta_r)  # d logits^T
             if d_bias is not None:
                 ds = jnp.swapaxes(ds_t, -1, -2)
@@ -440,23 +477,24 @@ def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(geo, q, k, v, spec, mask, bias, scale):
-    return _forward(geo, _Masking(spec, mask, bias), q, k, v, scale)[0]
+def _flash(geo, q, k, v, spec, mask, bias, scale, seed):
+    return _forward(geo, _Masking(spec, mask, bias, seed), q, k, v, scale)[0]
 
 
-def _flash_fwd(geo, q, k, v, spec, mask, bias, scale):
-    out, lse = _forward(geo, _Masking(spec, mask, bias), q, k, v, scale)
-    return out, (q, k, v, spec, mask, bias, scale, out, lse)
+def _flash_fwd(geo, q, k, v, spec, mask, bias, scale, seed):
+    out, lse = _forward(geo, _Masking(spec, mask, bias, seed), q, k, v, scale)
+    return out, (q, k, v, spec, mask, bias, scale, seed, out, lse)
 
 
 def _flash_bwd(geo, residuals, d_out):
-    q, k, v, spec, mask, bias, scale, out, lse = residuals
-    masking = _Masking(spec, mask, bias)
+    q, k, v, spec, mask, bias, scale, seed, out, lse = residuals
+    masking = _Masking(spec, mask, bias, seed)
     dq, dk, dv, d_bias, d_scale = _backward(geo, masking, q, k, v, out, lse, d_out, scale)
     d_spec = jax.tree_util.tree_map(_zero_cotangent, spec)
     d_mask = None if mask is None else _zero_cotangent(mask)
     d_bias = None if bias is None else d_bias.astype(bias.dtype)
-    return dq, dk, dv, d_spec, d_mask, d_bias, d_scale.astype(scale.dtype)
+    d_seed = None if seed is None else _zero_cotangent(seed)
+    return dq, dk, dv, d_spec, d_mask, d_bias, d_scale.astype(scale.dtype), d_seed
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -492,7 +530,9 @@ def _as_4d(x, batch, b: int, tp: int, sp: int, fill):
     return x
 
 
-def flash_attention(query, key, value, *, spec, mask, bias, scale, block_q: int, block_k: int):
+def flash_attention(
+    query, key, value, *, spec, mask, bias, scale, block_q: int, block_k: int, dropout=(0.0, None)
+):
     """Blockwise attention on validated inputs (see :func:`jaxattn.dot_product_attention`).
 
     Args:
@@ -502,6 +542,8 @@ def flash_attention(query, key, value, *, spec, mask, bias, scale, block_q: int,
       bias: float array broadcastable to ``[..., N, T, S]``, or None.
       scale: scalar in the accumulation dtype.
       block_q, block_k: block sizes (clipped to T and S).
+      dropout: ``(rate, seed)``: dropout on the weights (:mod:`jaxattn.dropout`), seed the
+        two words of :func:`jaxattn.dropout.seed_words`; ``(0.0, None)`` for none.
 
     Returns ``[..., T, N, Hv]`` in the input dtype. Lengths that are not a multiple of the
     block size are padded (a copy of the inputs); padded keys are masked.
@@ -515,12 +557,13 @@ def flash_attention(query, key, value, *, spec, mask, bias, scale, block_q: int,
     b = q.shape[0]
     bq, bk = min(block_q, t), min(block_k, s)
     nq, nk = -(-t // bq), -(-s // bk)
-    geo = _Geo(b=b, t=t, s=s, k=kh, g=n // kh, h=h, hv=hv, bq=bq, bk=bk, nq=nq, nk=nk)
+    rate, seed = dropout
+    geo = _Geo(b=b, t=t, s=s, k=kh, g=n // kh, h=h, hv=hv, bq=bq, bk=bk, nq=nq, nk=nk, rate=rate)
     q = _pad_axis(q, 1, nq * bq)
     k, v = _pad_axis(k, 1, nk * bk), _pad_axis(v, 1, nk * bk)
     if mask is not None:
         mask = _as_4d(mask, batch, b, nq * bq, nk * bk, False)
     if bias is not None:
         bias = _as_4d(bias, batch, b, nq * bq, nk * bk, 0)
-    out = _flash(geo, q, k, v, spec, mask, bias, scale)
+    out = _flash(geo, q, k, v, spec, mask, bias, scale, seed)
     return out[:, :t].reshape((*batch, t, n, hv))

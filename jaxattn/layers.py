@@ -67,7 +67,8 @@ class MultiHeadAttention(nnx.Module):
     """Causal self-attention with N query heads and K key/value heads (GQA when K < N).
 
     Projections: Q ``[D -> N*H]``, K and V ``[D -> K*H]``, output ``[N*H -> D]``, H = D / N.
-    Calls :func:`jaxattn.dot_product_attention` with ``is_causal=True``.
+    Calls :func:`jaxattn.dot_product_attention` with ``is_causal=True`` (and, when given a
+    key, its attention dropout), so long sequences take the blockwise path in training too.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -91,16 +92,13 @@ class MultiHeadAttention(nnx.Module):
         if self.rotary:
             positions = jnp.arange(t)
             q, k = apply_rotary(q, positions), apply_rotary(k, positions)
-        drop_weights = key is not None and self.attention_dropout > 0.0
-        if not (drop_weights or return_weights):
-            return self.out_proj(dot_product_attention(q, k, v, is_causal=True).reshape(b, t, -1))
-        out, weights = dot_product_attention(q, k, v, is_causal=True, return_weights=True)
-        if drop_weights:
-            # Dropout on the weights needs the weighted sum redone with the dropped weights.
-            weights = dropout(weights, self.attention_dropout, key)
-            g = self.num_heads // self.num_kv_heads
-            v_rep = jnp.repeat(v, g, axis=2)  # [B, S, N, H]; training-time path only
-            out = jnp.einsum("BNTS,BSNH->BTNH", weights.astype(v.dtype), v_rep)
+        drop = {}
+        if key is not None and self.attention_dropout > 0.0:
+            drop = {"dropout_rate": self.attention_dropout, "dropout_key": key}
+        result = dot_product_attention(
+            q, k, v, is_causal=True, return_weights=return_weights, **drop
+        )
+        out, weights = result if return_weights else (result, None)
         out = self.out_proj(out.reshape(b, t, -1))
         return (out, weights) if return_weights else out
 

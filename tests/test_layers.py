@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxattn import attention_dropout_mask
 from jaxattn.config import ModelConfig
 from jaxattn.layers import (
     DecoderBlock,
@@ -84,7 +85,7 @@ def test_attention_dropout_gradient_matches_the_formula():
     mha = MultiHeadAttention(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 16))
     key = jax.random.key(7)
-    keep = dropout(jnp.ones((2, 4, 5, 5)), 0.3, key)  # the layer's mask, as 0 or 1 / 0.7
+    keep = attention_dropout_mask(key, 0.3, (2,), 4, 5, 5) / 0.7  # 0 or 1 / 0.7
 
     def formula(x):
         q = mha.q_proj(x).reshape(2, 5, 4, 4)
@@ -131,12 +132,17 @@ def test_attention_layer_takes_the_dispatchers_path(t, path):
     # The decoder's attention calls dot_product_attention with implementation=None: from
     # 128 x 128 (query, key) pairs the dispatcher takes the blockwise path, whose custom VJP
     # shows up in the program; both paths give the same layer output.
-    cfg = dataclasses.replace(CFG, max_len=t)
+    cfg = dataclasses.replace(CFG, max_len=t, attention_dropout=0.25)
     layer = MultiHeadAttention(cfg, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, t, 16)), jnp.float32)
-    program = str(jax.make_jaxpr(lambda x: layer(x))(x))
-    assert ("_flash" in program) == (path == "flash")
-    # Asking for the weights always takes the reference path.
+    key = jax.random.key(5)
+    for k in (None, key):  # with attention dropout too
+        program = str(jax.make_jaxpr(lambda x, k=k: layer(x, key=k))(x))
+        assert ("_flash" in program) == (path == "flash")
+    # Asking for the weights always takes the reference path; it drops the same weights.
     out_reference, weights = layer(x, return_weights=True)
     assert weights.shape == (2, 4, t, t)
     np.testing.assert_allclose(layer(x), out_reference, atol=2e-5)
+    dropped_reference, _ = layer(x, key=key, return_weights=True)
+    np.testing.assert_allclose(layer(x, key=key), dropped_reference, atol=2e-5)
+    assert not np.allclose(dropped_reference, out_reference, atol=1e-3)
