@@ -2,7 +2,7 @@
 
     python benchmarks/attention.py              # speed table, memory/scaling table, compile time
     python benchmarks/attention.py --quick      # one small shape, for a smoke run
-    python benchmarks/attention.py --only speed # or: memory, compile
+    python benchmarks/attention.py --only speed # or: memory, compile, dropout
 
 Every implementation is wrapped in ``jax.jit`` and timed in interleaved rounds (median).
 ``jaxattn`` is ``dot_product_attention`` with ``implementation=None`` (the dispatcher's pick,
@@ -43,6 +43,8 @@ SPEED_CASES = [
     ((1, 4096, 8, 64), True),
 ]
 MEMORY_LENGTHS = [1024, 2048, 4096, 8192, 16384]
+DROPOUT_CASES = [(32, 10, 4, 32), (2, 2048, 8, 64)]  # causal, forward+backward
+DROPOUT_RATE = 0.1
 PEERS_TIMED_UP_TO = 4096  # beyond this jax.nn and Flax need GiBs of logits: memory only
 
 
@@ -182,6 +184,55 @@ def memory_table(lengths, rounds: int) -> None:
         )
 
 
+def _dropout_times(shape, rounds: int, key) -> dict[str, float]:
+    t = shape[1]
+    q, k, v, do = _inputs(shape)
+    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None, None]
+
+    def ours(q, k, v, rate=DROPOUT_RATE):
+        kw = {"dropout_rate": rate, "dropout_key": key} if rate else {}
+        return jaxattn.dot_product_attention(q, k, v, is_causal=True, **kw)
+
+    def flax_nnx(q, k, v):
+        return nnx.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=causal,
+            dropout_rng=key,
+            dropout_rate=DROPOUT_RATE,
+            broadcast_dropout=False,
+            deterministic=False,
+        )
+
+    impls = {"jaxattn": ours, "plain": lambda q, k, v: ours(q, k, v, 0.0), "flax": flax_nnx}
+    fns = {nm: jax.jit(_fwd_bwd(f)) for nm, f in impls.items()}
+    return time_interleaved(
+        {nm: (lambda f=f: f(q, k, v, do)) for nm, f in fns.items()}, rounds=rounds
+    )
+
+
+def dropout_table(shapes, rounds: int) -> None:
+    """Causal forward+backward with attention dropout: jaxattn (hashed mask, regenerated per
+    block) against Flax NNX (a Bernoulli mask from the key, per weight); jax.nn has no
+    dropout. jaxattn without dropout is timed beside them: the cost of the dropout itself."""
+    key = jax.random.key(3)
+    print(
+        f"\nattention dropout, rate {DROPOUT_RATE}, causal forward+backward:\n\n"
+        "| (B,T,N,H) | path | jaxattn ms | jaxattn no-dropout ms | flax.nnx ms | "
+        "ratio vs flax.nnx |"
+    )
+    print("|---|---|---|---|---|---|")
+    for shape in shapes:
+        times = _dropout_times(shape, rounds, key)
+        print(
+            f"| {shape} | {_path(shape)} | {times['jaxattn'] * 1e3:.3f} | "
+            f"{times['plain'] * 1e3:.3f} | {times['flax'] * 1e3:.3f} | "
+            f"{times['jaxattn'] / times['flax']:.2f} |",
+            flush=True,
+        )
+
+
 def compile_time(t: int = 16384) -> None:
     shape = (1, t, 8, 64)
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -197,7 +248,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small shape only")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--only", choices=["speed", "memory", "compile"], default=None)
+    parser.add_argument("--only", choices=["speed", "memory", "compile", "dropout"], default=None)
     args = parser.parse_args(argv)
     print(f"machine: {machine()}")
     if args.quick:
@@ -209,6 +260,8 @@ def main(argv=None) -> None:
         speed_table(SPEED_CASES, args.rounds)
     if args.only in (None, "memory"):
         memory_table(MEMORY_LENGTHS, args.rounds)
+    if args.only in (None, "dropout"):
+        dropout_table(DROPOUT_CASES, args.rounds)
 
 
 if __name__ == "__main__":

@@ -253,14 +253,19 @@ def _orient(x, shape, key_major: bool):
     return x.reshape(shape)
 
 
-def _dropout_block(geo, seed, b, head0, heads, q0, rows, k0, cols, dtype):
-    """``[heads * rows, cols]``: ``1 / (1 - rate)`` where the weight is kept, 0 where it is
-    dropped; the mask of :mod:`jaxattn.dropout` at these global positions."""
-    n = head0 + jnp.arange(heads, dtype=jnp.int32).reshape(heads, 1, 1)
-    t = q0 + jnp.arange(rows, dtype=jnp.int32).reshape(1, rows, 1)
-    s = k0 + jnp.arange(cols, dtype=jnp.int32).reshape(1, 1, cols)
+def _dropout_block(geo, seed, b, head0, hb, q0, rows, k0, cols, dtype, key_major=False):
+    """``1 / (1 - rate)`` where a weight is kept, 0 where it is dropped (the mask of
+    :mod:`jaxattn.dropout` at these global positions), generated directly in the block's
+    layout: ``[Z, G * rows, cols]``, or ``[Z, cols, G * rows]`` when ``key_major`` (a
+    transposed copy would cost a pass)."""
+    r_idx = jnp.arange(geo.g * rows, dtype=jnp.int32)  # query heads of a key head, then rows
+    z = jnp.arange(hb, dtype=jnp.int32).reshape(hb, 1, 1)
+    r_axis, c_axis = ((1, -1, 1), (1, 1, -1)) if not key_major else ((1, 1, -1), (1, -1, 1))
+    n = head0 + z * geo.g + (r_idx // rows).reshape(r_axis)
+    t = q0 + (r_idx % rows).reshape(r_axis)
+    s = k0 + jnp.arange(cols, dtype=jnp.int32).reshape(c_axis)
     kept = dropout_lib.keep(seed, geo.rate, b, n, t, s)
-    return jnp.where(kept, 1.0 / (1.0 - geo.rate), 0.0).astype(dtype).reshape(heads * rows, cols)
+    return jnp.where(kept, 1.0 / (1.0 - geo.rate), 0.0).astype(dtype)
 
 
 def _transposed(x):
@@ -339,10 +344,7 @@ def _forward(geo: _Geo, masking: _Masking, q, k, v, scale):
             alpha = jnp.exp(m - m_new)  # rescales what was summed under the old max
             run_sum = run_sum * alpha + jnp.sum(p, axis=-1)  # the sum before dropout
             if geo.rate:
-                drop = _dropout_block(
-                    geo, masking.seed, b, head0, hb * geo.g, q0, geo.bq, k0, cols, acc
-                )
-                p = p * drop.reshape(p.shape)
+                p = p * _dropout_block(geo, masking.seed, b, head0, hb, q0, geo.bq, k0, cols, acc)
             pv = jnp.einsum("ZRC,ZCH->ZRH", p.astype(v.dtype), vb, preferred_element_type=acc)
             return m_new, run_sum, o * alpha[..., None] + pv
 
@@ -430,8 +432,9 @@ def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
             # rowsum(dP * P) = rowsum(dO * O) still (delta).
             drop_t = None
             if geo.rate:
-                drop = _dropout_block(geo, masking.seed, b, head0, heads, q0, rows, k0, geo.bk, acc)
-                drop_t = _orient(drop, p_t.shape, True)
+                drop_t = _dropout_block(
+                    geo, masking.seed, b, head0, hb, q0, rows, k0, geo.bk, acc, key_major=True
+                )
             u_t = p_t if drop_t is None else p_t * drop_t
             dvj = dvj + jnp.einsum(
                 "ZCR,ZRH->ZCH", u_t.astype(v.dtype), do, preferred_element_type=acc
