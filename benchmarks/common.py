@@ -23,7 +23,11 @@ def time_interleaved(
 
     Each function is called once to compile and warm up, then an inner repeat count is chosen
     so that one timing lasts ``min_seconds``; the functions take turns in every round so that
-    drifts of the machine (frequency, the other core) hit them all alike.
+    drifts of the machine (frequency, the other core) hit them all alike. In each turn one
+    untimed call comes first: work a function leaves running after ``block_until_ready``
+    returns (XLA:CPU releasing a peer's ~1 GB of [T, S] buffers) would otherwise be timed as
+    part of whichever function runs next (measured: a flash call right after jax.nn took
+    20-60% longer, with 10x the involuntary context switches).
     """
     inner = {}
     for name, fn in fns.items():
@@ -35,6 +39,8 @@ def time_interleaved(
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if len(fns) > 1:
+                block(fn())  # settle: absorbs what the previous function left running
             start = time.perf_counter()
             for _ in range(inner[name]):
                 out = fn()
