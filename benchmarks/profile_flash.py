@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_ceiling_gflops
 
 import jaxattn
-from jaxattn import flash
+from jaxattn import flash, flash_blocks
 
 _SKIP = ("Thunk", "$", "cond", "while", "Slinky", "Pjit", "Common", "Execute", "end:", "Alloc")
 _GROUPS = {
@@ -71,8 +71,8 @@ def _computed_flops(shape, causal: bool, blocks, backward: bool) -> float:
     b, t, n, h = shape
     bq, bk = min(blocks[0], t), min(blocks[1], t)
     nq, nk = -(-t // bq), -(-t // bk)
-    geo = flash._Geo(b=1, t=t, s=t, k=1, g=1, h=h, hv=h, bq=bq, bk=bk, nq=nq, nk=nk)
-    cls = np.asarray(flash._classify(geo, jaxattn.CausalMask() if causal else None, None))
+    geo = flash_blocks.Geo(b=1, t=t, s=t, k=1, g=1, h=h, hv=h, bq=bq, bk=bk, nq=nq, nk=nk)
+    cls = np.asarray(flash_blocks.classify(geo, jaxattn.CausalMask() if causal else None, None))
     pairs = np.count_nonzero(cls) * bq * bk
     per_pair = 4 * h * (3.5 if backward else 1)  # forward: 2 matmuls; backward: 5 more
     return b * n * pairs * per_pair

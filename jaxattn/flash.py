@@ -10,14 +10,14 @@ exists in either pass.
 Work is cut into steps of one (sequence, key heads, query block): the ``G`` query heads that
 share a key head are stacked along the query axis (``[G * block_q, H]``), so K and V are read
 once per group and never copied; a step takes up to four key heads
-(:func:`_heads_per_step`). Each (query block, key block) pair is
-classified from the mask's structure (:mod:`jaxattn.mask_spec`) or, for a bool array, by
-reducing it per block:
+(:func:`_heads_per_step`). Each (query block, key block) pair is classified
+(:mod:`jaxattn.flash_blocks`) from the mask's structure (:mod:`jaxattn.mask_spec`) or, for a
+bool array, by reducing it per block:
 
 - empty blocks are not visited: each query block walks a compacted list of its non-empty key
   blocks (a ``while`` loop with a data-dependent trip count, so traced lengths work too);
 - full blocks skip the mask, and a run of consecutive full blocks is done as one wider
-  matmul (up to ``max(widths) * block_k`` keys), which runs nearer the machine's matmul rate;
+  matmul (up to ``max(WIDTHS) * block_k`` keys), which runs nearer the machine's matmul rate;
 - partial blocks evaluate the mask from positions, at ``block_q x block_k`` memory.
 
 Loops are ``lax`` loops over a schedule table, so compile time does not grow with T.
@@ -44,37 +44,16 @@ import numpy as np
 from jax import lax
 
 from jaxattn import dropout as dropout_lib
+from jaxattn.flash_blocks import Geo, branches, classify, schedule, walk
 
-__all__ = ["DEFAULT_BLOCKS", "WIDTHS", "flash_attention"]
+__all__ = ["DEFAULT_BLOCKS", "flash_attention"]
 
 # (block_q, block_k) by backend. On CPU a 512 x 512 float32 block of logits (1 MiB) stays in
 # cache through the max, exp and sum passes, and full-block runs widen to 2048 keys; measured
 # in benchmarks/attention.py. GPU/TPU values are the usual sizes of blockwise kernels.
 DEFAULT_BLOCKS = {"cpu": (512, 512), "gpu": (128, 128), "tpu": (512, 512)}
 
-# Widths (in key or query blocks) a run of full blocks may be merged into, widest first.
-WIDTHS = (4, 2, 1)
-
 _FILL_FRACTION = 0.7  # as the reference path: fill = 0.7 * finfo(acc).min
-
-
-class _Geo(NamedTuple):
-    """Static geometry: flattened batch, true lengths T and S (the arrays are padded to
-    ``nq * bq`` and ``nk * bk``), key heads, group size, head dims, block sizes and counts,
-    and the dropout rate (0 for none)."""
-
-    b: int
-    t: int
-    s: int
-    k: int
-    g: int
-    h: int
-    hv: int
-    bq: int
-    bk: int
-    nq: int
-    nk: int
-    rate: float = 0.0
 
 
 def _acc(dtype):
@@ -83,82 +62,6 @@ def _acc(dtype):
 
 def _fill(acc):
     return jnp.asarray(_FILL_FRACTION * jnp.finfo(acc).min, acc)
-
-
-# --------------------------------------------------------------------------------------------
-# Block classification and schedules
-
-
-def _classify(geo: _Geo, spec, dense_mask):
-    """int32 ``[Bm, nq, nk]``: 0 empty, 1 partial, 2 full (``Bm`` is 1 or B)."""
-    q_lo = (np.arange(geo.nq) * geo.bq).reshape(1, -1, 1)
-    q_hi = np.minimum(q_lo + geo.bq, geo.t) - 1
-    k_lo = (np.arange(geo.nk) * geo.bk).reshape(1, 1, -1)
-    k_hi_pad = k_lo + geo.bk - 1
-    k_hi = np.minimum(k_hi_pad, geo.s - 1)
-    any_ = np.ones((1, 1, 1), bool)
-    all_ = k_hi_pad < geo.s  # a block holding padded keys must be masked
-    if spec is not None:
-        a, f = spec.block_flags(q_lo, q_hi, k_lo, k_hi, geo.t, geo.s)
-        any_, all_ = any_ & a, all_ & f
-    if dense_mask is not None:
-        a, f = _dense_flags(geo, dense_mask)
-        any_, all_ = any_ & a, all_ & f
-    xp = np if isinstance(any_, np.ndarray) and isinstance(all_, np.ndarray) else jnp
-    cls = xp.where(all_, 2, xp.where(any_, 1, 0)).astype(np.int32)
-    return xp.broadcast_to(cls, (cls.shape[0], geo.nq, geo.nk))
-
-
-def _dense_flags(geo: _Geo, mask):
-    """Per-block any/all of a bool ``[Bx, Nx, Tx, Sx]`` mask (dims of size 1 broadcast)."""
-    bx, _, tx, sx = mask.shape
-    nq, bq = (geo.nq, geo.bq) if tx > 1 else (1, 1)
-    nk, bk = (geo.nk, geo.bk) if sx > 1 else (1, 1)
-    blocks = mask.reshape(bx, -1, nq, bq, nk, bk)
-    any_ = jnp.any(blocks, axis=(1, 3, 5))
-    all_ = jnp.all(blocks, axis=(1, 3, 5))
-    return any_, all_
-
-
-class _Schedule(NamedTuple):
-    order: jax.Array  # [Bm, rows, cols] int32: non-empty columns first, ascending
-    count: jax.Array  # [Bm, rows] int32: how many columns are non-empty
-    kind: jax.Array  # [Bm, rows, cols] int32: 0 partial, else 1 + index into WIDTHS
-
-
-def _widths(cols: int) -> tuple[int, ...]:
-    """The run widths of :data:`WIDTHS` that fit in a row of ``cols`` blocks."""
-    return tuple(w for w in WIDTHS if w <= cols)
-
-
-def _schedule(cls) -> _Schedule:
-    """The walk of each row of a classification table: which columns, and how."""
-    cls = jnp.asarray(cls)
-    widths = _widths(cls.shape[-1])
-    empty = (cls == 0).astype(jnp.int32)
-    order = jnp.argsort(empty, axis=-1, stable=True).astype(jnp.int32)
-    count = jnp.sum(1 - empty, axis=-1).astype(jnp.int32)
-    sorted_cls = jnp.take_along_axis(cls, order, axis=-1)
-    cols = cls.shape[-1]
-    idx = jnp.arange(cols, dtype=jnp.int32).reshape(1, 1, cols)
-    pad = max(widths)
-    pad_width = ((0, 0), (0, 0), (0, pad))
-    cls_p = jnp.pad(sorted_cls, pad_width)
-    order_p = jnp.pad(order, pad_width, constant_values=-(2 * pad))
-    kind = jnp.zeros_like(cls)
-    # Narrowest first, so the widest run that fits wins.
-    for w_index in reversed(range(len(widths))):
-        w = widths[w_index]
-        ok = sorted_cls == 2
-        for r in range(1, w):
-            ok = ok & (cls_p[..., r : r + cols] == 2) & (order_p[..., r : r + cols] == order + r)
-        ok = ok & (idx + w <= count[..., None])
-        kind = jnp.where(ok, w_index + 1, kind)
-    return _Schedule(order, count, kind)
-
-
-def _step_sizes(cols: int):
-    return jnp.asarray((1, *_widths(cols)), jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,25 +178,6 @@ def _transposed(x):
     return lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
-def _branches(visit, cols: int):
-    """One partial branch, then one full branch per run width that fits in ``cols`` blocks."""
-    full = [functools.partial(visit, width=w, partial=False) for w in _widths(cols)]
-    return [functools.partial(visit, width=1, partial=True), *full]
-
-
-def _walk(sched, bm, row, branches, carry):
-    """Run the branches over the non-empty columns of one schedule row."""
-    steps = _step_sizes(sched.order.shape[-1])
-
-    def body(state):
-        idx, c = state
-        col, kind = sched.order[bm, row, idx], sched.kind[bm, row, idx]
-        return idx + steps[kind], lax.switch(kind, branches, col, c)
-
-    count = sched.count[bm, row]
-    return lax.while_loop(lambda state: state[0] < count, body, (jnp.int32(0), carry))[1]
-
-
 def _scaled_rows(q, b, q0, rows, head0, heads, scale, acc):
     """Query rows times ``scale``, rounded once to the input dtype (saves a pass per block)."""
     qs = _rows(q, b, q0, rows, head0, heads)
@@ -304,7 +188,7 @@ def _scaled_rows(q, b, q0, rows, head0, heads, scale, acc):
 # Forward
 
 
-def _heads_per_step(geo: _Geo) -> int:
+def _heads_per_step(geo: Geo) -> int:
     """Key heads per step (forward and backward): up to four, while ``heads * G * block_q``
     stays at most 2048. More work per op and fewer loop trips: at (2, 2048, 8, 64) causal on
     CPU, the forward took 101 ms with one head per step, 100 ms with two, 78 ms with four,
@@ -316,10 +200,10 @@ def _heads_per_step(geo: _Geo) -> int:
     return 1
 
 
-def _forward(geo: _Geo, masking: _Masking, q, k, v, scale):
+def _forward(geo: Geo, masking: _Masking, q, k, v, scale):
     """Padded ``[B, Tp, N, H]`` inputs -> (out ``[B, Tp, N, Hv]``, lse ``[B, N, Tp]``)."""
     acc, fill = _acc(q.dtype), _fill(_acc(q.dtype))
-    sched = _schedule(_classify(geo, masking.spec, masking.mask))
+    sched = schedule(classify(geo, masking.spec, masking.mask))
     per_batch = sched.count.shape[0] > 1
     hb = _heads_per_step(geo)  # Z: key heads per step, each with its G query heads
     groups = geo.k // hb
@@ -353,7 +237,7 @@ def _forward(geo: _Geo, masking: _Masking, q, k, v, scale):
             jnp.zeros((hb, rows), acc),
             jnp.zeros((hb, rows, geo.hv), acc),
         )
-        m, run_sum, o = _walk(sched, b if per_batch else 0, i, _branches(visit, geo.nk), init)
+        m, run_sum, o = walk(sched, b if per_batch else 0, i, branches(visit, geo.nk), init)
         # m == fill: the row saw no key (the sum is >= 1 otherwise: exp(m - m) = 1 is in it).
         seen = m > fill
         o = jnp.where(seen[..., None], o / run_sum[..., None], 0.0)
@@ -393,11 +277,11 @@ def _bias_cotangent(d_bias, ds, geo, b, head0, heads, q0, rows, k0):
     return _add_block(d_bias, blk, (*start, k0 if sx > 1 else 0))
 
 
-def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
+def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
     """Gradients of the padded inputs: (dq, dk, dv, d_bias or None, d_scale)."""
     acc = _acc(q.dtype)
-    cls = _classify(geo, masking.spec, masking.mask)
-    sched = _schedule(jnp.swapaxes(jnp.asarray(cls), -1, -2))  # per key block: query blocks
+    cls = classify(geo, masking.spec, masking.mask)
+    sched = schedule(jnp.swapaxes(jnp.asarray(cls), -1, -2))  # per key block: query blocks
     per_batch = sched.count.shape[0] > 1
     hb = _heads_per_step(geo)  # Z: key heads per step, each with its G query heads
     groups, heads = geo.k // hb, hb * geo.g
@@ -459,9 +343,7 @@ def _backward(geo: _Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
             jnp.zeros((hb, geo.bk, geo.hv), acc),
             d_bias,
         )
-        dq, dkj, dvj, d_bias = _walk(
-            sched, b if per_batch else 0, j, _branches(visit, geo.nq), init
-        )
+        dq, dkj, dvj, d_bias = walk(sched, b if per_batch else 0, j, branches(visit, geo.nq), init)
         start = _start(b, k0, z * hb, 0)
         dk = lax.dynamic_update_slice(dk, jnp.swapaxes(dkj, 0, 1)[None].astype(dk.dtype), start)
         dv = lax.dynamic_update_slice(dv, jnp.swapaxes(dvj, 0, 1)[None].astype(dv.dtype), start)
@@ -561,7 +443,7 @@ def flash_attention(
     bq, bk = min(block_q, t), min(block_k, s)
     nq, nk = -(-t // bq), -(-s // bk)
     rate, seed = dropout
-    geo = _Geo(b=b, t=t, s=s, k=kh, g=n // kh, h=h, hv=hv, bq=bq, bk=bk, nq=nq, nk=nk, rate=rate)
+    geo = Geo(b=b, t=t, s=s, k=kh, g=n // kh, h=h, hv=hv, bq=bq, bk=bk, nq=nq, nk=nk, rate=rate)
     q = _pad_axis(q, 1, nq * bq)
     k, v = _pad_axis(k, 1, nk * bk), _pad_axis(v, 1, nk * bk)
     if mask is not None:

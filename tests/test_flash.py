@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxattn as ja
-from jaxattn import flash
+from jaxattn import flash_blocks
 from jaxattn.attention import FLASH_MIN_PAIRS
 
 # --------------------------------------------------------------------------------------------
@@ -364,17 +364,17 @@ def test_empty_blocks_are_never_read(case):
 # --------------------------------------------------------------------------------------------
 # The schedule: which blocks each row visits, and how
 
-_schedule = jax.jit(flash._schedule)
+_schedule = jax.jit(flash_blocks.schedule)
 
 
 def _kind(width):
-    return 1 + flash.WIDTHS.index(width)
+    return 1 + flash_blocks.WIDTHS.index(width)
 
 
 def walk(sched, bm, row):
-    """Replay flash._walk on the host: [(column, width, partial)] in visiting order."""
+    """Replay flash_blocks.walk on the host: [(column, width, partial)] in visiting order."""
     order, count, kind = (np.asarray(x)[bm] for x in sched)
-    widths = flash._widths(order.shape[-1])
+    widths = flash_blocks.widths(order.shape[-1])
     visits, idx = [], 0
     while idx < count[row]:
         col, k = int(order[row, idx]), int(kind[row, idx])
@@ -386,12 +386,12 @@ def walk(sched, bm, row):
 
 def _geo(t, s, bq, bk):
     nq, nk = -(-t // bq), -(-s // bk)
-    return flash._Geo(b=1, t=t, s=s, k=1, g=1, h=8, hv=8, bq=bq, bk=bk, nq=nq, nk=nk)
+    return flash_blocks.Geo(b=1, t=t, s=s, k=1, g=1, h=8, hv=8, bq=bq, bk=bk, nq=nq, nk=nk)
 
 
 def test_causal_schedule_visits_the_lower_triangle():
     geo = _geo(8, 8, 2, 2)
-    cls = np.asarray(flash._classify(geo, ja.CausalMask(), None))
+    cls = np.asarray(flash_blocks.classify(geo, ja.CausalMask(), None))
     expected_cls = np.tril(np.full((4, 4), 2)) - np.eye(4, dtype=int)  # full below, partial on
     np.testing.assert_array_equal(cls[0], expected_cls)
     sched = _schedule(cls)
@@ -414,15 +414,15 @@ def test_causal_schedule_visits_the_lower_triangle():
 
 def test_unmasked_row_is_walked_in_the_widest_runs():
     # 10 full key blocks: runs of 4, 4, 2; a last block holding padded keys is partial.
-    sched = _schedule(flash._classify(_geo(4, 40, 4, 4), None, None))
+    sched = _schedule(flash_blocks.classify(_geo(4, 40, 4, 4), None, None))
     assert walk(sched, 0, 0) == [(0, 4, False), (4, 4, False), (8, 2, False)]
-    sched = _schedule(flash._classify(_geo(4, 39, 4, 4), None, None))
+    sched = _schedule(flash_blocks.classify(_geo(4, 39, 4, 4), None, None))
     assert walk(sched, 0, 0) == [(0, 4, False), (4, 4, False), (8, 1, False), (9, 1, True)]
 
 
 def test_per_sequence_classification_skips_per_sequence():
-    geo = flash._Geo(b=2, t=4, s=12, k=1, g=1, h=8, hv=8, bq=4, bk=4, nq=1, nk=3)
-    cls = np.asarray(flash._classify(geo, ja.PaddingMask(kv_lengths=np.array([3, 8])), None))
+    geo = flash_blocks.Geo(b=2, t=4, s=12, k=1, g=1, h=8, hv=8, bq=4, bk=4, nq=1, nk=3)
+    cls = np.asarray(flash_blocks.classify(geo, ja.PaddingMask(kv_lengths=np.array([3, 8])), None))
     np.testing.assert_array_equal(cls[:, 0], [[1, 0, 0], [2, 2, 0]])
     sched = _schedule(cls)
     assert walk(sched, 0, 0) == [(0, 1, True)]
@@ -438,7 +438,7 @@ def test_per_sequence_classification_skips_per_sequence():
 def test_schedule_visits_every_non_empty_block_once_in_greedy_runs(bm, cols, flat):
     cls = np.array(flat[: bm * 2 * cols], np.int32).reshape(bm, 2, cols)
     sched = _schedule(cls)
-    widths = flash._widths(cols)
+    widths = flash_blocks.widths(cols)
     for b in range(bm):
         for row in range(2):
             visits = walk(sched, b, row)
