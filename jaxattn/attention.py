@@ -193,17 +193,11 @@ def _weighted_sum(weights, value, t):
 
 
 def _dropout_scale(seed, rate: float, shape, dtype):
-    """``1 / (1 - rate)`` where a weight of the grouped ``[..., K, G, T, S]`` layout is kept,
-    0 where it is dropped (:mod:`jaxattn.dropout`: the mask every path regenerates)."""
+    """The dropout factors (:func:`jaxattn.dropout.scale_factor`) of weights in the grouped
+    ``[..., K, G, T, S]`` layout: head ``k * G + g`` of ``[..., N, T, S]``."""
     *batch, k, g, t, s = shape
-    lead = (1,) * len(batch)
-    flat = math.prod(batch)
-    b = jnp.arange(flat, dtype=jnp.int32).reshape((*batch, 1, 1, 1, 1))
-    n = (jnp.arange(k)[:, None] * g + jnp.arange(g)[None, :]).reshape((*lead, k, g, 1, 1))
-    t_idx = jnp.arange(t).reshape((*lead, 1, 1, t, 1))
-    s_idx = jnp.arange(s).reshape((*lead, 1, 1, 1, s))
-    kept = dropout.keep(seed, rate, b, n, t_idx, s_idx)
-    return jnp.where(kept, 1.0 / (1.0 - rate), 0.0).astype(dtype)
+    pos = dropout.positions(batch, k * g, t, s)
+    return dropout.scale_factor(seed, rate, *pos, dtype).reshape(shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

@@ -19,7 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["attention_dropout_mask", "check_rate", "keep", "seed_words"]
+__all__ = [
+    "attention_dropout_mask",
+    "check_rate",
+    "keep",
+    "positions",
+    "scale_factor",
+    "seed_words",
+]
 
 _U32 = jnp.uint32
 # Odd multipliers (golden ratio and MurmurHash3 / xxHash primes), one per coordinate.
@@ -68,22 +75,28 @@ def keep(seed, rate: float, b, n, t, s):
     return _fmix(row ^ (s * _S)) >= threshold  # P(keep) = 1 - rate
 
 
+def scale_factor(seed, rate: float, b, n, t, s, dtype):
+    """``1 / (1 - rate)`` where :func:`keep` keeps the weight, 0 where it drops it: the
+    factor every path multiplies its weights by (indices as in :func:`keep`)."""
+    return jnp.where(keep(seed, rate, b, n, t, s), 1.0 / (1.0 - rate), 0.0).astype(dtype)
+
+
+def positions(batch_shape, n: int, t: int, s: int):
+    """Index arrays (flattened sequence, head, query, key) that broadcast to
+    ``[*batch_shape, N, T, S]``, for :func:`keep` over a whole weights array."""
+    batch_shape = tuple(batch_shape)
+    lead = (1,) * len(batch_shape)
+    flat = int(np.prod(batch_shape)) if batch_shape else 1
+    b = jnp.arange(flat, dtype=jnp.int32).reshape((*batch_shape, 1, 1, 1))
+    n_idx = jnp.arange(n, dtype=jnp.int32).reshape((*lead, n, 1, 1))
+    t_idx = jnp.arange(t, dtype=jnp.int32).reshape((*lead, 1, t, 1))
+    s_idx = jnp.arange(s, dtype=jnp.int32).reshape((*lead, 1, 1, s))
+    return b, n_idx, t_idx, s_idx
+
+
 def attention_dropout_mask(dropout_key, dropout_rate: float, batch_shape, n: int, t: int, s: int):
     """The keep mask ``dot_product_attention`` applies for ``dropout_key`` and
     ``dropout_rate``: bool ``[*batch_shape, N, T, S]``, True where the weight is kept (and
     scaled by ``1 / (1 - dropout_rate)``). For inspecting or reproducing a training step."""
     rate = check_rate(dropout_rate)
-    seed = seed_words(dropout_key)
-    batch_shape = tuple(batch_shape)
-    rank = len(batch_shape) + 3
-    flat = int(np.prod(batch_shape)) if batch_shape else 1
-
-    def axis(values, pos):
-        shape = [1] * rank
-        shape[pos] = -1
-        return values.reshape(shape)
-
-    b = jnp.arange(flat, dtype=jnp.int32).reshape((*batch_shape, 1, 1, 1))
-    n_idx = axis(jnp.arange(n), -3)
-    t_idx, s_idx = axis(jnp.arange(t), -2), axis(jnp.arange(s), -1)
-    return keep(seed, rate, b, n_idx, t_idx, s_idx)
+    return keep(seed_words(dropout_key), rate, *positions(batch_shape, n, t, s))

@@ -167,8 +167,7 @@ def _dropout_block(geo, seed, b, head0, hb, q0, rows, k0, cols, dtype, key_major
     n = head0 + z * geo.g + (r_idx // rows).reshape(r_axis)
     t = q0 + (r_idx % rows).reshape(r_axis)
     s = k0 + jnp.arange(cols, dtype=jnp.int32).reshape(c_axis)
-    kept = dropout_lib.keep(seed, geo.rate, b, n, t, s)
-    return jnp.where(kept, 1.0 / (1.0 - geo.rate), 0.0).astype(dtype)
+    return dropout_lib.scale_factor(seed, geo.rate, b, n, t, s, dtype)
 
 
 def _transposed(x):
