@@ -4,6 +4,7 @@ against."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
@@ -46,6 +47,25 @@ def reference_attention(q, k, v, mask=None, bias=None, scale=None):
     weights = np.divide(e, denom, out=np.zeros_like(e), where=denom > 0)
     out = np.einsum("...nts,...snh->...tnh", weights, v)
     return out, weights
+
+
+def reference_attention_jnp(q, k, v, mask, bias=0.0, scale=None, keep=None, rate=0.0):
+    """The same formula in jnp (run it under float64), differentiable, for gradient checks.
+
+    Rows with no unmasked key are zeroed by a 0/1 factor; ``keep`` (bool, broadcastable to
+    ``[..., N, T, S]``) applies dropout at ``rate`` to the weights. Returns (out, weights),
+    the weights after dropout.
+    """
+    g = q.shape[-2] // k.shape[-2]
+    k, v = jnp.repeat(k, g, axis=-2), jnp.repeat(v, g, axis=-2)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    logits = jnp.einsum("...tnh,...snh->...nts", q, k) * scale + bias
+    mask = jnp.broadcast_to(mask, logits.shape)
+    logits = jnp.where(mask, logits, -1e300)
+    w = jax.nn.softmax(logits, axis=-1) * jnp.any(mask, axis=-1, keepdims=True)
+    if keep is not None:
+        w = w * keep / (1 - rate)
+    return jnp.einsum("...nts,...snh->...tnh", w, v), w
 
 
 def qkv(rng, batch, t, s, n, k, h, hv=None, dtype=np.float32):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import qkv, reference_attention
+from conftest import qkv, reference_attention, reference_attention_jnp
 
 import jaxattn as ja
 
@@ -228,20 +228,8 @@ class TestFullyMaskedRows:
         np.testing.assert_array_equal(out[:, 2], 0.0)
 
 
-def _ref64_with_weights(q, k, v, mask, bias, scale):
-    """The formula in float64 jnp, differentiable; masked rows zeroed by a 0/1 factor.
-    Returns (out, weights)."""
-    g = q.shape[-2] // k.shape[-2]
-    k, v = jnp.repeat(k, g, axis=-2), jnp.repeat(v, g, axis=-2)
-    logits = jnp.einsum("...tnh,...snh->...nts", q, k) * scale + bias
-    mask = jnp.broadcast_to(mask, logits.shape)
-    logits = jnp.where(mask, logits, -1e300)
-    w = jax.nn.softmax(logits, axis=-1) * jnp.any(mask, axis=-1, keepdims=True)
-    return jnp.einsum("...nts,...snh->...tnh", w, v), w
-
-
 def _ref64(q, k, v, mask, bias, scale):
-    return _ref64_with_weights(q, k, v, mask, bias, scale)[0]
+    return reference_attention_jnp(q, k, v, mask, bias, scale)[0]
 
 
 @pytest.mark.parametrize(("n", "k", "t", "s"), [(4, 4, 5, 5), (4, 2, 3, 6), (6, 2, 6, 4)])
@@ -299,7 +287,7 @@ def test_gradients_through_returned_weights_match_float64_reference():
             return jnp.sum(out * ct_out) + jnp.sum(w**2 * ct_w)
 
         def ref(q, key, v):
-            out, w = _ref64_with_weights(q, key, v, mask, 0.0, 1 / np.sqrt(8))
+            out, w = reference_attention_jnp(q, key, v, mask, 0.0, 1 / np.sqrt(8))
             return jnp.sum(out * ct_out) + jnp.sum(w**2 * ct_w)
 
         g_ours = jax.grad(ours, argnums=(0, 1, 2))(q, key, v)

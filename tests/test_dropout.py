@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import qkv
+from conftest import qkv, reference_attention_jnp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,18 +83,6 @@ IMPLS = {
 }
 
 
-def oracle64(q, k, v, mask, keep, rate):
-    """softmax in float64 jnp (differentiable), rows with no key zeroed, then the kept
-    weights scaled by 1 / (1 - rate)."""
-    g = q.shape[-2] // k.shape[-2]
-    k, v = jnp.repeat(k, g, axis=-2), jnp.repeat(v, g, axis=-2)
-    logits = jnp.einsum("...tnh,...snh->...nts", q, k) / np.sqrt(q.shape[-1])
-    mask = jnp.broadcast_to(mask, logits.shape)
-    w = jax.nn.softmax(jnp.where(mask, logits, -1e300), axis=-1)
-    w = w * jnp.any(mask, axis=-1, keepdims=True) * keep / (1 - rate)
-    return jnp.einsum("...nts,...snh->...tnh", w, v), w
-
-
 # (batch, T, S, N, K, H, Hv, mask kind)
 CASES = {
     "causal_t_gt_s_gqa": ((2,), 7, 5, 4, 2, 8, 6, "causal"),
@@ -130,7 +118,7 @@ def test_values_and_gradients_match_float64_oracle(case, impl):
             )
 
         def ref(q, key, v):
-            return oracle64(q, key, v, mask, keep, rate)[0]
+            return reference_attention_jnp(q, key, v, mask, keep=keep, rate=rate)[0]
 
         np.testing.assert_allclose(ours(q, key, v), ref(q, key, v), atol=1e-12)
         g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * ct), argnums=(0, 1, 2))(q, key, v)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import qkv
+from conftest import qkv, reference_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,29 +31,23 @@ def _sum_to(x, shape):
 
 def oracle(q, k, v, mask=None, bias=None, scale=None, d_out=None):
     """softmax(Q K^T * scale + bias, masked) V and its gradients in float64 NumPy, from the
-    formulas (independent of the package). A -inf bias entry masks its pair; a row with no
-    visible key gives 0. Returns out, or (out, (dq, dk, dv, d_bias)) for a cotangent."""
+    formulas (independent of the package; the forward is conftest's reference). A -inf bias
+    entry masks its pair; a row with no visible key gives 0. Returns out, or
+    (out, (dq, dk, dv, d_bias)) for a cotangent."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     n, kh = q.shape[-2], k.shape[-2]
     g = n // kh
-    kr, vr = np.repeat(k, g, axis=-2), np.repeat(v, g, axis=-2)
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    logits = np.einsum("...tnh,...snh->...nts", q, kr) * scale
-    visible = np.ones(logits.shape, bool)
-    if bias is not None:
-        b = np.broadcast_to(np.asarray(bias, np.float64), logits.shape)
-        visible &= np.isfinite(b)
-        logits = logits + np.where(np.isfinite(b), b, 0.0)
-    if mask is not None:
-        visible &= np.broadcast_to(np.asarray(mask), logits.shape)
-    logits = np.where(visible, logits, -np.inf)
-    row_max = logits.max(axis=-1, keepdims=True)
-    e = np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0))
-    denom = e.sum(axis=-1, keepdims=True)
-    w = np.divide(e, denom, out=np.zeros_like(e), where=denom > 0)
-    out = np.einsum("...nts,...snh->...tnh", w, vr)
+    visible = mask
+    if bias is not None:  # -inf entries hide their pair; the rest is added
+        bias = np.asarray(bias, np.float64)
+        finite = np.isfinite(bias)
+        visible = finite if mask is None else np.logical_and(np.asarray(mask), finite)
+        bias = np.where(finite, bias, 0.0)
+    out, w = reference_attention(q, k, v, mask=visible, bias=bias, scale=scale)
     if d_out is None:
         return out
+    kr, vr = np.repeat(k, g, axis=-2), np.repeat(v, g, axis=-2)
     do = np.asarray(d_out, np.float64)
     d_vr = np.einsum("...nts,...tnh->...snh", w, do)
     d_w = np.einsum("...tnh,...snh->...nts", do, vr)
