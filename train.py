@@ -1,40 +1,70 @@
 """Train a TinyDecoder on a synthetic task: ``python train.py --config configs/tiny.yaml``.
 
-Overrides follow the config file as ``key.sub=value``, e.g. ``train.steps=500``. A bad config
-stops with one line naming the key and what is allowed (exit status 2), before anything is
-written.
+Overrides follow the config file as ``key.sub=value``, e.g. ``train.steps=500``. The run
+directory (``train.run_dir``, default ``runs/<name>``) is created and marked as a run; an
+existing run is continued with ``--resume`` or replaced with ``--overwrite``, and a path
+that is not a run is never written to. Every failure is one line on stderr:
+
+- exit 2: a bad config, a run directory refused or unwritable, a checkpoint that cannot be
+  read or saved, a non-finite loss;
+- exit 130 / 143: SIGINT / SIGTERM; the current chunk finishes, a checkpoint is saved, and
+  the line says how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 
 
+def _resume_command(argv: list[str]) -> str:
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return shlex.join(["python", "train.py", *args, "--resume"])
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         description="Train a TinyDecoder on a synthetic sequence task.",
         epilog="example: python train.py --config configs/tiny.yaml train.steps=500",
     )
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config file")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="continue the run in the run directory"
+    )
+    again.add_argument(
+        "--overwrite", action="store_true", help="replace the run in the run directory"
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
 
-    from jaxattn.config import ConfigError, load_config
-
     try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"train.py: config error: {err}", file=sys.stderr)
-        return 2
+        from jaxattn.config import ConfigError, load_config
 
-    from jaxattn.training import train
+        try:
+            config = load_config(args.config, args.overrides)
+        except ConfigError as err:
+            print(f"train.py: config error: {err}", file=sys.stderr)
+            return 2
 
-    try:
-        result = train(config)
-    except KeyboardInterrupt:
-        print("train.py: interrupted; no run directory was written", file=sys.stderr)
-        return 130
+        from jaxattn.loop import TrainingInterrupted, train
+        from jaxattn.rundir import RunError
+
+        try:
+            result = train(config, resume=args.resume, overwrite=args.overwrite)
+        except RunError as err:
+            print(f"train.py: {err}", file=sys.stderr)
+            return 2
+        except TrainingInterrupted as stop:
+            how = f"; resume with: {_resume_command(argv)}" if stop.saved else ""
+            print(f"train.py: {stop}{how}", file=sys.stderr)
+            return 128 + stop.signum
+    except KeyboardInterrupt:  # before training installed its handlers: nothing written
+        print("train.py: interrupted before training started", file=sys.stderr)
+        return 128 + signal.SIGINT
     print(f"run directory: {result.run_dir}")
     return 0
 

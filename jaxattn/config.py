@@ -67,6 +67,9 @@ class TrainConfig:
     seed: int = 0  # parameters, dropout and training batches
     steps_per_call: int = 50  # steps fused in one jitted lax.scan
     progress: bool = True  # show a progress bar
+    checkpoint_every: int | None = None  # steps between checkpoints (None = each eval; 0 = end)
+    keep_checkpoints: int = 3  # latest checkpoints kept (the best by exact-match is kept too)
+    on_nonfinite: str = "stop"  # stop | skip: a non-finite loss stops the run or skips the step
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ def _one_of(*choices):
 _POSITIVE = ((lambda v: v > 0), "> 0")
 _UNIT_CLOSED = ((lambda v: 0 <= v <= 1), "in [0, 1]")
 _UNIT_OPEN = ((lambda v: 0 <= v < 1), "in [0, 1)")
+# PRNG keys are made from 32-bit seeds: 2**32 would silently give seed 0's run.
+_SEED = ((lambda v: 0 <= v < 2**32), "in [0, 2**32 - 1] (a 32-bit seed)")
 
 # Dotted key -> (predicate, what is allowed); None values of optional keys skip the rule.
 _RULES = {
@@ -149,7 +154,7 @@ _RULES = {
     "task.vocab_size": _at_least(4),
     "task.batch_size": _at_least(1),
     "task.eval_size": _at_least(1),
-    "task.eval_seed": _at_least(0),
+    "task.eval_seed": _SEED,
     "optim.learning_rate": _POSITIVE,
     "optim.schedule": _one_of("noam", "warmup_cosine", "warmup_rsqrt", "warmup_constant"),
     "optim.warmup_steps": _at_least(0),
@@ -164,8 +169,11 @@ _RULES = {
     "train.eval_every": _at_least(1),
     "train.target_exact_match": _UNIT_CLOSED,
     "train.run_dir": ((lambda v: v != ""), "a non-empty path or null"),
-    "train.seed": _at_least(0),
+    "train.seed": _SEED,
     "train.steps_per_call": _at_least(1),
+    "train.checkpoint_every": _at_least(0),
+    "train.keep_checkpoints": _at_least(1),
+    "train.on_nonfinite": _one_of("stop", "skip"),
 }
 
 
@@ -187,6 +195,12 @@ def _cross_field_errors(config: Config):
             f"model.num_heads must be divisible by model.num_kv_heads; "
             f"got num_heads={m.num_heads}, num_kv_heads={m.num_kv_heads}"
         )
+    o, tr = config.optim, config.train
+    if o.accumulate_steps > tr.steps:
+        yield (
+            f"optim.accumulate_steps={o.accumulate_steps} micro-batches per update is more than "
+            f"train.steps={tr.steps}: the run would make no update"
+        )
     if m.max_len < 2 * t.length + 2:
         yield (
             f"model.max_len must be >= 2 * task.length + 2 = {2 * t.length + 2} "
@@ -201,6 +215,25 @@ class _Loader(yaml.SafeLoader):
 class _Dumper(yaml.SafeDumper):
     """Quotes strings such as ``'1e-3'`` that ``_Loader`` would read back as floats."""
 
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    """PyYAML keeps the last of two equal keys; a config with both is a mistake."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                key_node.start_mark,
+            )
+        if isinstance(key, typing.Hashable):
+            seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 _FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 for _cls in (_Loader, _Dumper):
@@ -250,6 +283,12 @@ def _merge(raw: dict, data: dict, source: str) -> None:
     """Fold a parsed ``{name, section: {key: value}}`` mapping from ``source`` into ``raw``."""
     for key, value in data.items():
         key = str(key)
+        if "." in key and key.split(".")[0] in _SECTIONS:  # overrides arrive nested
+            section, _, leaf = key.partition(".")
+            raise ConfigError(
+                f"{source}: dotted key {key!r} is for the command line; in a YAML file nest it "
+                f"under its section ({section}: then {leaf}: indented below it)"
+            )
         if key == "name":
             raw["name"] = value
         elif key not in _SECTIONS:
@@ -261,6 +300,11 @@ def _merge(raw: dict, data: dict, source: str) -> None:
                     f"got {_show(value)} ({type(value).__name__})"
                 )
             for sub, sub_value in value.items():
+                if "." in str(sub) and f"{key}.{str(sub).rpartition('.')[2]}" in _KEYS:
+                    raise ConfigError(
+                        f"{source}: key {sub!r} under {key!r} is dotted; write only "
+                        f"{str(sub).rpartition('.')[2]!r} under {key}:"
+                    )
                 if f"{key}.{sub}" not in _KEYS:
                     raise _unknown(f"{key}.{sub}")
                 raw[key][str(sub)] = sub_value
@@ -338,12 +382,19 @@ def load_config(path, overrides: Sequence[str] = ()) -> Config:
     return config
 
 
-def save_config(config: Config, path) -> None:
-    """Write ``config`` as YAML (name, model, task, optim, train) that load_config reads back."""
+def dump_config(config: Config) -> str:
+    """``config`` as YAML (name, model, task, optim, train) that load_config reads back."""
     text = yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-    Path(path).write_text(f"# resolved config of run {config.name!r}, written by jaxattn\n{text}")
+    return f"# resolved config of run {config.name!r}, written by jaxattn\n{text}"
+
+
+def save_config(config: Config, path) -> None:
+    """Write ``config`` as YAML (see :func:`dump_config`)."""
+    Path(path).write_text(dump_config(config))
 
 
 def run_dir_for(config: Config) -> Path:
-    """``train.run_dir`` if set, else ``runs/<name>``."""
-    return Path(config.train.run_dir) if config.train.run_dir else Path("runs") / config.name
+    """``train.run_dir`` if set (``~`` expanded), else ``runs/<name>``."""
+    if config.train.run_dir:
+        return Path(config.train.run_dir).expanduser()
+    return Path("runs") / config.name

@@ -1,0 +1,343 @@
+"""Checkpoints of a run: Orbax's CheckpointManager, plus what it takes to trust a restore.
+
+Layout: ``<run>/checkpoints/<step>/{params, opt_state, meta}``. Orbax writes each step into
+a temporary directory and renames it into place when every item is written (its atomic
+finalize), so a step directory is complete or absent; a kill during a save leaves only a
+``*.orbax-checkpoint-tmp*`` directory, which the next writer deletes. The manager keeps the
+last ``keep`` steps and the best one by held-out exact-match (ties: lower held-out loss).
+
+``meta`` (JSON, saved atomically with the arrays) holds what Orbax does not check:
+
+- ``model_spec`` and its ``fingerprint``: the config that defines the model's computation
+  (``model.*`` and ``task.vocab_size``). A config.yaml edited after training is caught even
+  when the shapes still fit (``num_heads``, ``positions``).
+- ``arrays``: shape, dtype and SHA-256 of every parameter and optimizer-state leaf, checked
+  after the restore; a flipped byte names the leaf.
+- whatever the trainer adds (step, its config, the evaluation history, the train-loss values
+  since the last evaluation) so that a resumed run continues bit for bit.
+
+Every failure to read a checkpoint is a :class:`RunError` with one line naming the file or
+the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxattn.rundir import RunError, describe_os_error
+
+__all__ = ["Checkpoints", "load_run", "model_spec", "spec_fingerprint"]
+
+FORMAT = 1  # bump when meta changes incompatibly
+ITEMS = ("params", "opt_state", "meta")
+
+
+def model_spec(config) -> dict:
+    """The part of a run config that defines the model's function: ``model.*`` and
+    ``task.vocab_size``, as a flat ``{dotted key: value}`` dict."""
+    spec = {f"model.{k}": v for k, v in dataclasses.asdict(config.model).items()}
+    spec["task.vocab_size"] = config.task.vocab_size
+    return spec
+
+
+def spec_fingerprint(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _quality(metrics) -> tuple[float, float]:
+    """Best checkpoint: highest held-out exact-match, then lowest held-out loss."""
+    return (float(metrics["exact_match"]), -float(metrics["eval_loss"]))
+
+
+def array_digests(tree) -> dict[str, dict]:
+    """``{leaf path: {shape, dtype, sha256}}`` of a pytree of arrays (host copies)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))
+    out = {}
+    for path, leaf in leaves:
+        a = np.asarray(leaf)  # not ascontiguousarray: it makes 0-d arrays 1-d
+        out[jax.tree_util.keystr(path)] = {
+            "shape": list(a.shape),
+            "dtype": str(a.dtype),
+            "sha256": hashlib.sha256(a.tobytes(order="C")).hexdigest(),
+        }
+    return out
+
+
+def _shapes(tree) -> dict[str, dict]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {
+        jax.tree_util.keystr(p): {"shape": list(x.shape), "dtype": str(np.dtype(x.dtype))}
+        for p, x in leaves
+    }
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _file_in(err: BaseException, root: Path) -> str | None:
+    """A path under ``root`` that an (Orbax, TensorStore, json) error message mentions."""
+    pattern = re.compile(re.escape(str(root.absolute())) + r"[^\s'\",:\]]*")
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        match = pattern.search(str(err))
+        if match:
+            return match.group(0)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class Checkpoints:
+    """The checkpoints directory of one run.
+
+    Args:
+      directory: ``<run>/checkpoints``.
+      keep: how many of the latest steps to keep (the best by exact-match is kept too).
+      read_only: open for reading (``load_run``, viz): nothing is created or deleted.
+    """
+
+    def __init__(self, directory, *, keep: int = 3, read_only: bool = False):
+        import orbax.checkpoint as ocp  # imported here: only runs that save or load need it
+        from orbax.checkpoint import checkpoint_managers as policies
+
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            raise RunError(f"{self.directory} does not exist: the run has no checkpoint yet")
+        options = ocp.CheckpointManagerOptions(
+            # Last `keep` steps, and the best by exact-match among those evaluated.
+            preservation_policy=policies.AnyPreservationPolicy(
+                [
+                    policies.LatestN(n=keep),
+                    policies.BestN(
+                        get_metric_fn=_quality, n=1, keep_checkpoints_without_metrics=False
+                    ),
+                ]
+            ),
+            best_fn=_quality,  # makes Orbax store the metrics with each step (and best_step)
+            enable_async_checkpointing=False,  # a save has returned => the step is on disk
+            cleanup_tmp_directories=not read_only,  # a save cut short by a kill
+            create=not read_only,
+            read_only=read_only,
+        )
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        except OSError as err:
+            raise RunError(
+                f"cannot open checkpoints in {self.directory}: {describe_os_error(err)}"
+            ) from None
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---------------------------------------------------------------------------- listing
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the best held-out exact-match; the latest when none was evaluated."""
+        return self._manager.best_step()
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    # ----------------------------------------------------------------------------- saving
+
+    def save(self, step: int, params, opt_state, meta: dict, metrics: dict | None) -> None:
+        """Save one step; ``meta`` gets the arrays' digests. Returns once it is on disk.
+
+        On failure (a full disk, a vanished directory) the step's temporary directory is
+        removed, the earlier steps stay, and a RunError names the step and the reason.
+        """
+        ocp = self._ocp
+        meta = {
+            "format": FORMAT,
+            **meta,
+            "arrays": {
+                "params": array_digests(params),
+                "opt_state": array_digests(opt_state),
+            },
+        }
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta),
+        )
+        try:
+            self._manager.save(step, args=args, metrics=metrics, force=True)
+            self._manager.wait_until_finished()
+        except Exception as err:  # Orbax and TensorStore wrap OSErrors in their own types
+            self._remove_partial(step)
+            kept = ", ".join(map(str, self.steps())) or "none"
+            cause = err.strerror if isinstance(err, OSError) and err.strerror else None
+            raise RunError(
+                f"cannot save the checkpoint of step {step} in {self.directory}: "
+                f"{cause or _first_line(err)}; checkpoints kept: {kept}"
+            ) from err
+
+    def _remove_partial(self, step: int) -> None:
+        """Delete what a failed save of ``step`` left (only Orbax's temporaries of it)."""
+        for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(p, ignore_errors=True)
+        try:
+            self._manager.reload()
+        except Exception:
+            pass
+
+    # ---------------------------------------------------------------------------- reading
+
+    def read_meta(self, step: int) -> dict:
+        ocp = self._ocp
+        where = self.step_dir(step) / "meta"
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+            meta = restored["meta"]
+        except Exception as err:
+            raise RunError(
+                f"{_file_in(err, where) or where}: cannot read the checkpoint's metadata "
+                f"({_first_line(err)})"
+            ) from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise RunError(f"{where}: not a checkpoint of this jaxattn (format {found!r})")
+        return meta
+
+    def restore(self, step: int, params_like, opt_state_like=None, *, spec: dict, spec_source):
+        """``(params, opt_state or None, meta)`` of ``step``, verified.
+
+        Args:
+          params_like, opt_state_like: pytrees of ``jax.ShapeDtypeStruct`` (or arrays) giving
+            the structure, shapes and dtypes to restore into; ``opt_state_like=None`` skips
+            the optimizer state (loading a model only).
+          spec: ``model_spec`` of the config the caller builds the model from.
+          spec_source: what to name when that config differs (e.g. ``runs/x/config.yaml``).
+
+        Raises RunError naming the differing config key, the leaf whose shape or checksum
+        differs, or the file that cannot be read.
+        """
+        ocp = self._ocp
+        meta = self.read_meta(step)
+        step_dir = self.step_dir(step)
+        saved_spec = meta.get("model_spec", {})
+        if spec_fingerprint(saved_spec) != meta.get("fingerprint"):
+            raise RunError(f"{step_dir / 'meta'}: its model fingerprint does not match (edited?)")
+        for key in sorted(set(spec) | set(saved_spec)):
+            if spec.get(key) != saved_spec.get(key):
+                raise RunError(
+                    f"{spec_source}: {key} is {spec.get(key)!r}, but checkpoint {step} was "
+                    f"trained with {key}={saved_spec.get(key)!r}"
+                )
+        wanted = {"params": params_like}
+        if opt_state_like is not None:
+            wanted["opt_state"] = opt_state_like
+        for item, like in wanted.items():
+            saved = meta["arrays"][item]
+            for key, s in _shapes(like).items():
+                if key not in saved:
+                    raise RunError(f"{step_dir / item}: has no {item} leaf {key}")
+                got = saved[key]
+                if got["shape"] != s["shape"] or got["dtype"] != s["dtype"]:
+                    raise RunError(
+                        f"{step_dir / item}: {key} is {got['dtype']}{got['shape']} in the "
+                        f"checkpoint but the model needs {s['dtype']}{s['shape']}"
+                    )
+            if len(saved) != len(_shapes(like)):
+                extra = sorted(set(saved) - set(_shapes(like)))
+                raise RunError(f"{step_dir / item}: unexpected {item} leaves {', '.join(extra)}")
+        abstract = {
+            item: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+            for item, like in wanted.items()
+        }
+        args = ocp.args.Composite(
+            **{item: ocp.args.StandardRestore(a) for item, a in abstract.items()}
+        )
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as err:
+            raise RunError(
+                f"{_file_in(err, step_dir) or step_dir}: cannot read the checkpoint "
+                f"({_first_line(err)})"
+            ) from None
+        for item in wanted:
+            digests = array_digests(restored[item])
+            for key, d in digests.items():
+                if d["sha256"] != meta["arrays"][item][key]["sha256"]:
+                    raise RunError(
+                        f"{step_dir / item}: {key} differs from what was saved (checksum "
+                        "mismatch: the checkpoint's files are corrupt)"
+                    )
+        return restored["params"], restored.get("opt_state"), meta
+
+
+def load_run(run_dir, *, step="best"):
+    """``(model, config)``: the trained model of a run directory and its config.
+
+    Args:
+      run_dir: what ``train.py`` wrote (``runs/<config name>`` by default), finished or not.
+      step: ``"best"`` (highest held-out exact-match, default), ``"latest"``, or a step
+        number that has a checkpoint.
+
+    Raises RunError (one line) when the directory is not a run, has no checkpoint, its
+    config.yaml no longer matches the checkpoint (a model key edited), or a checkpoint file
+    is missing or corrupt.
+    """
+    from jaxattn.config import ConfigError, load_config
+    from jaxattn.rundir import MARK
+    from jaxattn.training import abstract_model
+
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} is not a run directory (no such directory)")
+    config_path = run_dir / "config.yaml"
+    if not (run_dir / MARK).is_file() or not config_path.is_file():
+        raise RunError(f"{run_dir} is not a run directory of jaxattn (no {MARK} or config.yaml)")
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        raise RunError(f"{config_path}: {err}") from None
+    with Checkpoints(run_dir / "checkpoints", read_only=True) as ckpts:
+        steps = ckpts.steps()
+        if not steps:
+            raise RunError(f"{run_dir} has no complete checkpoint yet")
+        if step == "best":
+            chosen = ckpts.best_step()
+        elif step == "latest":
+            chosen = ckpts.latest_step()
+        elif isinstance(step, int) and not isinstance(step, bool) and step in steps:
+            chosen = step
+        else:
+            raise RunError(
+                f"step must be 'best', 'latest' or one of the checkpoints {steps}, got {step!r}"
+            )
+        graphdef, abstract_params = abstract_model(config)
+        params, _, _ = ckpts.restore(
+            chosen,
+            nnx.to_pure_dict(abstract_params),
+            spec=model_spec(config),
+            spec_source=config_path,
+        )
+    nnx.replace_by_pure_dict(abstract_params, params)
+    return nnx.merge(graphdef, abstract_params), config

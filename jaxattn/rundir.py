@@ -1,0 +1,218 @@
+"""The run directory: created and marked by the trainer, refused when it is not ours.
+
+A run directory belongs to its run. ``open_run_dir`` creates it (or takes an empty
+directory), writes the mark file ``.jaxattn-run`` first, and holds an advisory lock on it for
+as long as the run trains. A path that exists and is not a run of ours (a non-empty
+directory without the mark, a regular file, a symlink) is refused with one line before
+anything is written; an existing run is continued only with ``resume=True`` and replaced
+only with ``overwrite=True``, which deletes the files a run writes and nothing else.
+Nothing outside the run directory is ever deleted or renamed.
+
+Every file the trainer writes whole (the mark, config.yaml, summary.json, metrics.jsonl when
+rewritten) goes through :func:`atomic_write_text`: a temporary file in the same directory,
+fsync, then ``os.replace``, so a reader sees the old file or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+try:  # advisory locks; absent on Windows, where two runs into one directory are not caught
+    import fcntl
+except ImportError:  # pragma: no cover - depends on the platform
+    fcntl = None
+
+__all__ = ["MARK", "OWNED", "RunDir", "RunError", "atomic_write_text", "open_run_dir"]
+
+MARK = ".jaxattn-run"  # the file that says "this directory is a jaxattn run"
+CHECKPOINTS = "checkpoints"
+# What a run writes into its directory, and all that --overwrite deletes. Anything else a
+# user put there (notes, pictures drawn elsewhere) stays.
+OWNED = (
+    CHECKPOINTS,
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "attention.png",
+    "curves.png",
+)
+
+
+class RunError(Exception):
+    """A run directory or checkpoint problem; the message is one line naming the path, the
+    file or the key, and what to do. ``train.py`` and ``python -m jaxattn.viz`` print it and
+    exit with status 2."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def describe_os_error(err: OSError) -> str:
+    """``'No space left on device'`` rather than ``"[Errno 28] No space left on device: '...'"``
+    (the caller names the path)."""
+    return err.strerror or str(err) or type(err).__name__
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+class RunDir:
+    """An open run directory: its path, whether it held a run before, and its lock.
+
+    Use as a context manager (or call :meth:`close`) to release the lock.
+    """
+
+    def __init__(self, path: Path, existed: bool, lock_file):
+        self.path = path
+        self.existed = existed  # an earlier run of ours was there (resumed or replaced)
+        self._lock_file = lock_file
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the descriptor releases the flock
+            self._lock_file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` is a directory marked as a jaxattn run (not through a symlink)."""
+    path = Path(path)
+    return path.is_dir() and not path.is_symlink() and (path / MARK).is_file()
+
+
+def _refusal(path: Path) -> str | None:
+    """Why ``path`` cannot become a run directory, or None if it can (absent, empty, ours)."""
+    if path.is_symlink():
+        return f"{path} is a symlink; give the real directory as train.run_dir"
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return f"{path} exists and is not a directory; choose another train.run_dir"
+    if (path / MARK).is_file():
+        return None
+    try:
+        entries = sorted(p.name for p in path.iterdir())
+    except OSError as err:
+        return f"cannot read {path}: {describe_os_error(err)}"
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        return (
+            f"{path} is a directory that is not a jaxattn run ({len(entries)} entries: "
+            f"{shown}); refusing to write into it: choose a new or empty train.run_dir"
+        )
+    return None
+
+
+def _lock(path: Path):
+    """Open the mark file and take an exclusive, non-blocking lock on it."""
+    f = open(path / MARK, "a+", encoding="utf-8")
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise RunError(
+                f"{path} is in use by another training process; wait for it to finish or "
+                "choose another train.run_dir"
+            ) from None
+    return f
+
+
+def open_run_dir(path, *, resume: bool = False, overwrite: bool = False) -> RunDir:
+    """Create, or take over, the run directory ``path`` and lock it.
+
+    - absent or an empty directory: created and marked;
+    - a run of ours: kept as it is with ``resume``, emptied of the files a run writes with
+      ``overwrite`` (files a user added are kept), refused otherwise;
+    - anything else: refused.
+
+    Raises RunError (one line) on refusal, when the directory cannot be created or written,
+    or when another process trains into it.
+    """
+    if resume and overwrite:
+        raise RunError("resume and overwrite exclude each other; pass one of them")
+    path = Path(os.path.expanduser(str(path)))
+    reason = _refusal(path)
+    if reason:
+        raise RunError(reason)
+    existed = is_run_dir(path)
+    if existed and not (resume or overwrite):
+        raise RunError(
+            f"{path} holds a run already; pass --resume to continue it or --overwrite to "
+            "replace it (Python: resume=True or overwrite=True)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not existed:
+            mark = {"jaxattn_run": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            atomic_write_text(path / MARK, json.dumps(mark) + "\n")
+        lock_file = _lock(path)
+        check_writable(path)
+    except OSError as err:
+        raise RunError(f"cannot write the run directory {path}: {describe_os_error(err)}") from None
+    if existed and overwrite:
+        try:
+            for name in OWNED:
+                target = path / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+        except OSError as err:
+            lock_file.close()
+            raise RunError(f"cannot replace the run in {path}: {describe_os_error(err)}") from None
+    return RunDir(path, existed, lock_file)
+
+
+def check_writable(path: Path) -> None:
+    """Write, fsync and delete a small file in ``path``: a read-only mount, a full disk or
+    missing permission shows up here, before training, not at the first checkpoint."""
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse to start when the disk holding ``path`` has less than ``needed`` bytes free."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:  # pragma: no cover - statvfs unsupported: the first save will tell
+        return
+    if free < needed:
+        raise RunError(
+            f"{path}: {free / 2**20:.1f} MiB free on its disk, but the checkpoints need about "
+            f"{needed / 2**20:.1f} MiB; free some space or choose another train.run_dir"
+        )
