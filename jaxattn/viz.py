@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,54 +64,125 @@ def plot_attention(weights, tokens, path, *, title: str | None = None) -> Path:
                 ax.set_xlabel("key", fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     fig.suptitle(title or "attention weights (rows: queries, columns: keys)", fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def plot_training_curves(metrics_jsonl, path) -> Path:
-    """Loss and held-out exact-match against step, from a run's ``metrics.jsonl``."""
-    plt = _pyplot()
-    records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line]
+_CURVE_KEYS = ("step", "train_loss", "eval_loss", "eval_token_accuracy", "exact_match")
+
+
+def read_metrics(metrics_jsonl) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``, checked: each line a JSON object with a
+    numeric (or null) value for every key the curves need.
+
+    Raises RunError (one line naming the file, the line and the key).
+    """
+    from jaxattn.rundir import RunError, describe_os_error
+
+    path = Path(metrics_jsonl)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise RunError(f"cannot read {path}: {describe_os_error(err)}") from None
+    except UnicodeDecodeError:
+        raise RunError(f"{path} is not UTF-8 text") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunError(f"{path}, line {number}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise RunError(f"{path}, line {number}: not a JSON object")
+        for key in _CURVE_KEYS:
+            value = record.get(key, "missing")
+            if value == "missing":
+                raise RunError(f"{path}, line {number}: no key {key!r}")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise RunError(f"{path}, line {number}: {key} is {value!r}, not a number")
+        records.append(record)
     if not records:
-        raise ValueError(f"{metrics_jsonl} holds no evaluation records")
-    steps = [r["step"] for r in records]
+        raise RunError(f"{path} holds no evaluation records")
+    return records
+
+
+def plot_training_curves(records, path) -> Path:
+    """Loss and held-out exact-match against step, from :func:`read_metrics` records (or
+    the path of a run's ``metrics.jsonl``)."""
+    if not isinstance(records, list):
+        records = read_metrics(records)
+    plt = _pyplot()
+
+    def series(key):  # null (no finite value) is drawn as a gap
+        return [np.nan if r[key] is None else r[key] for r in records]
+
+    steps = series("step")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax_loss.plot(steps, [r["train_loss"] for r in records], label="train")
-    ax_loss.plot(steps, [r["eval_loss"] for r in records], label="held-out")
+    ax_loss.plot(steps, series("train_loss"), label="train")
+    ax_loss.plot(steps, series("eval_loss"), label="held-out")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()
-    ax_acc.plot(steps, [r["eval_token_accuracy"] for r in records], label="token accuracy")
-    ax_acc.plot(steps, [r["exact_match"] for r in records], label="exact match")
+    ax_acc.plot(steps, series("eval_token_accuracy"), label="token accuracy")
+    ax_acc.plot(steps, series("exact_match"), label="exact match")
     ax_acc.set_ylim(0, 1.02)
     ax_acc.set_xlabel("step")
     ax_acc.legend(loc="lower right")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    """Save a figure whole or not at all: a temporary PNG beside ``path``, then a rename."""
+    from jaxattn.rundir import RunError, describe_os_error
+
+    plt = _pyplot()
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise RunError(f"cannot write {path}: {describe_os_error(err)}") from None
+    finally:
+        plt.close(fig)
     return path
 
 
-def draw_run(run_dir, *, example: int = 0) -> list[Path]:
+def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Path]:
     """Write ``attention.png`` (every layer and head on one held-out sequence) and
-    ``curves.png`` (loss and exact-match against step) into a finished run directory."""
-    from jaxattn import tasks
-    from jaxattn.training import load_run
+    ``curves.png`` (loss and exact-match against step) of a run.
 
-    run_dir = Path(run_dir)
-    model, config = load_run(run_dir)
+    Args:
+      run_dir: a run directory written by train.py, finished or not.
+      example: which held-out sequence to show.
+      out_dir: where the pictures go (default: the run directory).
+      step: the checkpoint to draw: ``"best"``, ``"latest"`` or a step number.
+
+    Everything is read and checked before the first picture is written. Raises RunError
+    (one line) for an unusable run or an unwritable ``out_dir``, ValueError for ``example``.
+    """
+    from jaxattn import tasks
+    from jaxattn.checkpoints import load_run
+
+    run_dir = Path(run_dir).expanduser()
+    out_dir = run_dir if out_dir is None else Path(out_dir).expanduser()
+    model, config = load_run(run_dir, step=step)
+    records = read_metrics(run_dir / "metrics.jsonl")
     batch = tasks.eval_batch(config.task)
     if not 0 <= example < batch.inputs.shape[0]:
         raise ValueError(f"example must be in [0, {batch.inputs.shape[0]}), got {example}")
     tokens = batch.inputs[example : example + 1]
     _, weights = model(tokens, return_attention=True)  # [L, 1, N, T, T]
     title = f"{config.name}: {config.task.name}, held-out sequence {example}"
-    paths = [plot_attention(weights[:, 0], tokens[0], run_dir / "attention.png", title=title)]
-    paths.append(plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png"))
+    paths = [plot_attention(weights[:, 0], tokens[0], out_dir / "attention.png", title=title)]
+    paths.append(plot_training_curves(records, out_dir / "curves.png"))
     return paths
 
 
@@ -122,10 +195,17 @@ def main(argv=None) -> int:
     )
     parser.add_argument("run_dir", help="a run directory written by train.py, e.g. runs/tiny")
     parser.add_argument("--example", type=int, default=0, help="held-out sequence to show")
+    parser.add_argument("--out", default=None, help="directory for the pictures (default: run)")
+    parser.add_argument(
+        "--step", default="best", help="checkpoint to draw: best (default), latest or a step"
+    )
     args = parser.parse_args(argv)
+    step = int(args.step) if args.step.isdigit() else args.step
+    from jaxattn.rundir import RunError
+
     try:
-        paths = draw_run(args.run_dir, example=args.example)
-    except (FileNotFoundError, ValueError, ImportError) as err:
+        paths = draw_run(args.run_dir, example=args.example, out_dir=args.out, step=step)
+    except (RunError, ValueError, ImportError) as err:
         print(f"jaxattn.viz: {err}", file=sys.stderr)
         return 2
     for path in paths:
