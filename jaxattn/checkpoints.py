@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -131,12 +132,17 @@ class Checkpoints:
             create=not read_only,
             read_only=read_only,
         )
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # read_only logs two warnings that say only that
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         except OSError as err:
             raise RunError(
                 f"cannot open checkpoints in {self.directory}: {describe_os_error(err)}"
             ) from None
+        finally:
+            absl.setLevel(level)
 
     def close(self) -> None:
         self._manager.close()
