@@ -116,26 +116,26 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise RunError(f"{self.directory} does not exist: the run has no checkpoint yet")
-        options = ocp.CheckpointManagerOptions(
-            # Last `keep` steps, and the best by exact-match among those evaluated.
-            preservation_policy=policies.AnyPreservationPolicy(
-                [
-                    policies.LatestN(n=keep),
-                    policies.BestN(
-                        get_metric_fn=_quality, n=1, keep_checkpoints_without_metrics=False
-                    ),
-                ]
-            ),
-            best_fn=_quality,  # makes Orbax store the metrics with each step (and best_step)
-            enable_async_checkpointing=False,  # a save has returned => the step is on disk
-            cleanup_tmp_directories=not read_only,  # a save cut short by a kill
-            create=not read_only,
-            read_only=read_only,
-        )
         absl = logging.getLogger("absl")
         level = absl.level
-        absl.setLevel(logging.ERROR)  # read_only logs two warnings that say only that
+        absl.setLevel(logging.ERROR)  # read_only logs warnings that say only that
         try:
+            options = ocp.CheckpointManagerOptions(
+                # Last `keep` steps, and the best by exact-match among those evaluated.
+                preservation_policy=policies.AnyPreservationPolicy(
+                    [
+                        policies.LatestN(n=keep),
+                        policies.BestN(
+                            get_metric_fn=_quality, n=1, keep_checkpoints_without_metrics=False
+                        ),
+                    ]
+                ),
+                best_fn=_quality,  # makes Orbax store the metrics with each step (and best_step)
+                enable_async_checkpointing=False,  # a save has returned => the step is on disk
+                cleanup_tmp_directories=not read_only,  # a save cut short by a kill
+                create=not read_only,
+                read_only=read_only,
+            )
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         except OSError as err:
             raise RunError(

@@ -15,10 +15,13 @@ import pytest
 from flax import nnx
 
 from jaxattn import tasks
+from jaxattn.checkpoints import load_run
 from jaxattn.config import load_config
 from jaxattn.decoding import generate
+from jaxattn.loop import train
 from jaxattn.optim import make_optimizer
-from jaxattn.training import build_model, load_run, make_train_chunk, train
+from jaxattn.rundir import MARK, RunError
+from jaxattn.training import build_model, make_train_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -72,14 +75,14 @@ def test_run_directory_contents_and_load_run_round_trip(tmp_path):
     config = small_config(tmp_path, "train.steps=10", "train.eval_every=10")
     result = train(config, log=lambda _: None)
     run = result.run_dir
-    assert {p.name for p in run.iterdir()} >= {
+    assert {p.name for p in run.iterdir()} == {
+        MARK,
         "config.yaml",
         "metrics.jsonl",
-        "params",
-        "train_state",
+        "checkpoints",
         "summary.json",
     }
-    assert not [p for p in run.parent.iterdir() if ".partial-" in p.name]
+    assert [p.name for p in run.parent.iterdir()] == ["run"]  # nothing beside it
     model, loaded_config = load_run(run)
     assert loaded_config == config
     # The restored model is the trained one: same logits as the state the run ended with.
@@ -94,21 +97,10 @@ def test_run_directory_contents_and_load_run_round_trip(tmp_path):
 
 
 def test_load_run_refuses_a_directory_that_is_not_a_run(tmp_path):
-    with pytest.raises(FileNotFoundError, match="is not a finished run directory"):
+    with pytest.raises(RunError, match="is not a run directory of jaxattn"):
         load_run(tmp_path)
-
-
-def test_a_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
-    config = small_config(tmp_path, "train.steps=10", "train.eval_every=10")
-    import jaxattn.training as training
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(training, "_save_checkpoint", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
-        train(config, log=lambda _: None)
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RunError, match="no such directory"):
+        load_run(tmp_path / "absent")
 
 
 def _run_train_py(*args, cwd):

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from jaxattn.config import load_config
-from jaxattn.training import train
+from jaxattn.loop import train
 from jaxattn.viz import main, plot_attention
 
 
@@ -32,7 +32,7 @@ def test_draw_run_writes_pngs(tmp_path):
 
 def test_viz_cli_reports_a_missing_run(tmp_path, capsys):
     assert main([str(tmp_path / "nothing")]) == 2
-    assert "is not a finished run directory" in capsys.readouterr().err
+    assert "is not a run directory" in capsys.readouterr().err
 
 
 def test_plot_attention_checks_shapes(tmp_path):
