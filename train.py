@@ -59,8 +59,7 @@ def main(argv=None) -> int:
             print(f"train.py: {err}", file=sys.stderr)
             return 2
         except TrainingInterrupted as stop:
-            how = f"; resume with: {_resume_command(argv)}" if stop.saved else ""
-            print(f"train.py: {stop}{how}", file=sys.stderr)
+            print(f"train.py: {stop}; resume with: {_resume_command(argv)}", file=sys.stderr)
             return 128 + stop.signum
     except KeyboardInterrupt:  # before training installed its handlers: nothing written
         print("train.py: interrupted before training started", file=sys.stderr)

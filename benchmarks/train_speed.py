@@ -3,10 +3,15 @@ checkpoint), as a user meets it.
 
     python benchmarks/train_speed.py                    # tiny.yaml, median of 3 runs
     python benchmarks/train_speed.py --also reverse sort next_token --runs 1
+    python benchmarks/train_speed.py --checkpoint-cost --runs 7   # checkpoints' share
 
 Each run is ``python train.py --config configs/<name>.yaml`` in a fresh process writing to a
 temporary run directory; wall seconds are measured around the process. Steps/s is steps
 per second of training after the first (compiling) chunk, evaluations excluded.
+
+``--checkpoint-cost`` runs tiny.yaml with a checkpoint at every evaluation (the default)
+and with ``train.checkpoint_every=0`` (one checkpoint, at the end), alternating the two so
+that the machine's drift falls on both alike, and reports the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from common import machine
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_once(config: str) -> dict:
+def run_once(config: str, *overrides: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         start = time.perf_counter()
@@ -38,6 +43,7 @@ def run_once(config: str) -> dict:
                 str(ROOT / "configs" / f"{config}.yaml"),
                 f"train.run_dir={run_dir}",
                 "train.progress=false",
+                *overrides,
             ],
             capture_output=True,
             text=True,
@@ -47,7 +53,9 @@ def run_once(config: str) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"{config} failed:\n{proc.stderr[-2000:]}")
         summary = json.loads((run_dir / "summary.json").read_text())
+        checkpoints = len(list((run_dir / "checkpoints").iterdir()))
     return {
+        "checkpoints": checkpoints,
         "wall_s": wall,
         "steps": summary["steps"],
         "steps_per_s": summary["steps_per_second"] or float("nan"),
@@ -56,12 +64,39 @@ def run_once(config: str) -> dict:
     }
 
 
+def checkpoint_cost(runs: int) -> None:
+    """Whole-process time of tiny.yaml: checkpoints at every evaluation vs only at the end."""
+    modes = {"every evaluation": (), "end only": ("train.checkpoint_every=0",)}
+    results: dict = {mode: [] for mode in modes}
+    for i in range(runs):
+        order = list(modes) if i % 2 == 0 else list(modes)[::-1]
+        for mode in order:
+            results[mode].append(run_once("tiny", *modes[mode]))
+    print("| checkpoints | runs | saves | wall s (median) | wall s (all) | steps | exact |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, rs in results.items():
+        walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
+        print(
+            f"| {mode} | {len(rs)} | {rs[0]['checkpoints']} kept | "
+            f"{statistics.median(r['wall_s'] for r in rs):.2f} | {walls} | {rs[0]['steps']} | "
+            f"{min(r['exact_match'] for r in rs):.4f} |"
+        )
+    every, end = (statistics.median(r["wall_s"] for r in results[m]) for m in modes)
+    print(f"\nevery evaluation / end only: {every / end:.3f} ({100 * (every / end - 1):+.1f}%)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of tiny.yaml (median)")
     parser.add_argument("--also", nargs="*", default=[], help="more configs, one run each")
+    parser.add_argument(
+        "--checkpoint-cost", action="store_true", help="checkpoints every eval vs at the end"
+    )
     args = parser.parse_args(argv)
     print(f"machine: {machine()}\n")
+    if args.checkpoint_cost:
+        checkpoint_cost(args.runs)
+        return
     print("| config | runs | wall s (median) | wall s (all) | steps | steps/s | exact | target |")
     print("|---|---|---|---|---|---|---|---|")
     for config in ["tiny", *args.also]:

@@ -185,7 +185,8 @@ def train(
 def _train_in(config: Config, run: RunDir, resume: bool, stop, log, start) -> TrainResult:
     tc = config.train
     resuming = resume and run.existed
-    if resuming:
+    # A run killed before it wrote config.yaml has no checkpoint either: nothing to compare.
+    if resuming and (run.path / "config.yaml").exists():
         difference = _config_difference(to_dict(_stored_config(run)), config)
         if difference:
             raise RunError(
@@ -226,6 +227,8 @@ def _train_in(config: Config, run: RunDir, resume: bool, stop, log, start) -> Tr
             "".join(json.dumps(r) + "\n" for r in progress.records),
         )
         loop = _Loop(config, run, ckpts, stop, spec, progress, optimizer, graphdef)
+        if loop.done:
+            log(f"{run.path} finished at step {progress.step} already; nothing to train")
         loop.run(params, opt_state, start)
         return loop.finish(start, resumed_from, log)
 
