@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         "--overwrite", action="store_true", help="replace the run in the run directory"
     )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come between overrides
 
     try:
         from jaxattn.config import ConfigError, load_config

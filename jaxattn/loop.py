@@ -34,11 +34,16 @@ from jaxattn.rundir import (
     RunDir,
     RunError,
     atomic_write_text,
-    check_free_space,
     describe_os_error,
     open_run_dir,
 )
-from jaxattn.training import init_state, make_eval_fn, make_train_chunk, updates
+from jaxattn.training import (
+    abstract_model,
+    init_state,
+    make_eval_fn,
+    make_train_chunk,
+    updates,
+)
 
 __all__ = ["TrainResult", "TrainingInterrupted", "train"]
 
@@ -175,11 +180,24 @@ def train(
       TrainingInterrupted: SIGINT or SIGTERM; the checkpoint of the step reached is saved.
     """
     start = time.perf_counter()
+    needed = (config.train.keep_checkpoints + 2) * (_state_bytes(config) + 2**18)
     with (
         _StopSignals() as stop,
-        open_run_dir(run_dir_for(config), resume=resume, overwrite=overwrite) as run,
+        open_run_dir(
+            run_dir_for(config), resume=resume, overwrite=overwrite, needed_bytes=needed
+        ) as run,
     ):
         return _train_in(config, run, resume, stop, log, start)
+
+
+def _state_bytes(config: Config) -> int:
+    """Bytes of the parameters and optimizer state (shapes only: nothing is computed)."""
+    optimizer = make_optimizer(
+        config.optim, d_model=config.model.d_model, total_steps=updates(config)
+    )
+    _, params = abstract_model(config)
+    state = (params, jax.eval_shape(optimizer.init, params))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
 def _train_in(config: Config, run: RunDir, resume: bool, stop, log, start) -> TrainResult:
@@ -197,8 +215,6 @@ def _train_in(config: Config, run: RunDir, resume: bool, stop, log, start) -> Tr
         config.optim, d_model=config.model.d_model, total_steps=updates(config)
     )
     graphdef, params, opt_state = init_state(config, optimizer)
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
-    check_free_space(run.path, (tc.keep_checkpoints + 2) * (state_bytes + 2**18))
     spec = model_spec(config)
     with Checkpoints(run.checkpoints, keep=tc.keep_checkpoints) as ckpts:
         progress, resumed_from = _Progress(), None

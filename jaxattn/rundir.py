@@ -145,7 +145,9 @@ def _lock(path: Path):
     return f
 
 
-def open_run_dir(path, *, resume: bool = False, overwrite: bool = False) -> RunDir:
+def open_run_dir(
+    path, *, resume: bool = False, overwrite: bool = False, needed_bytes: int = 0
+) -> RunDir:
     """Create, or take over, the run directory ``path`` and lock it.
 
     - absent or an empty directory: created and marked;
@@ -153,8 +155,10 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False) -> RunD
       ``overwrite`` (files a user added are kept), refused otherwise;
     - anything else: refused.
 
-    Raises RunError (one line) on refusal, when the directory cannot be created or written,
-    or when another process trains into it.
+    Raises RunError (one line) on refusal, when the directory cannot be created or written
+    or its disk has less than ``needed_bytes`` free, or when another process trains into
+    it. A failure after the directory was created removes what this call created, so the
+    same command can simply be run again.
     """
     if resume and overwrite:
         raise RunError("resume and overwrite exclude each other; pass one of them")
@@ -168,6 +172,8 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False) -> RunD
             f"{path} holds a run already; pass --resume to continue it or --overwrite to "
             "replace it (Python: resume=True or overwrite=True)"
         )
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    lock_file = None
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not existed:
@@ -175,20 +181,34 @@ def open_run_dir(path, *, resume: bool = False, overwrite: bool = False) -> RunD
             atomic_write_text(path / MARK, json.dumps(mark) + "\n")
         lock_file = _lock(path)
         check_writable(path)
-    except OSError as err:
-        raise RunError(f"cannot write the run directory {path}: {describe_os_error(err)}") from None
-    if existed and overwrite:
-        try:
-            for name in OWNED:
-                target = path / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
-        except OSError as err:
+        check_free_space(path, needed_bytes)
+        if existed and overwrite:
+            _remove_owned(path)
+    except BaseException as err:
+        if lock_file is not None:
             lock_file.close()
-            raise RunError(f"cannot replace the run in {path}: {describe_os_error(err)}") from None
+        if not existed:  # undo this call: the mark, then the directories it made
+            with contextlib.suppress(OSError):
+                (path / MARK).unlink()
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only if empty
+        if isinstance(err, OSError):
+            raise RunError(
+                f"cannot write the run directory {path}: {describe_os_error(err)}"
+            ) from None
+        raise
     return RunDir(path, existed, lock_file)
+
+
+def _remove_owned(path: Path) -> None:
+    """Delete what a run writes into ``path`` (``OWNED``), never following a symlink."""
+    for name in OWNED:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
 
 
 def check_writable(path: Path) -> None:
