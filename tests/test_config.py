@@ -337,3 +337,124 @@ def test_every_rule_names_a_real_key():
     from jaxattn.config import _KEYS, _RULES
 
     assert set(_RULES) <= set(_KEYS)
+
+
+# --------------------------------------------------------------- issue 9: seeds, accumulation
+
+
+@pytest.mark.parametrize("key", ["train.seed", "task.eval_seed"])
+@pytest.mark.parametrize("value", [2**32, 2**63, 2**64 + 5, -1])
+def test_seed_outside_32_bits_is_refused(key, value):
+    # 2**32 silently gave seed 0's run; 2**63 and above gave a traceback.
+    message = error(TINY, [f"{key}={value}"])
+    assert message.startswith(f"{key} must be in [0, 2**32 - 1]")
+    assert message.endswith(f"got {value}")
+
+
+@pytest.mark.parametrize("key", ["train.seed", "task.eval_seed"])
+def test_seed_bounds_in_file_and_accepted(tmp_path, key):
+    section, leaf = key.split(".")
+    message = error(write(tmp_path, f"{section}:\n  {leaf}: 4294967296\n"))
+    assert message.startswith(f"{key} must be in [0, 2**32 - 1]")
+    for value in (0, 2**32 - 1):
+        config = load_config(TINY, [f"{key}={value}"])
+        assert getattr(getattr(config, section), leaf) == value
+
+
+def test_accumulation_must_leave_an_update():
+    # 1000 micro-batches per update in 100 steps made zero updates and exited 0.
+    message = error(TINY, ["optim.accumulate_steps=1000", "train.steps=100"])
+    assert "optim.accumulate_steps=1000" in message and "train.steps=100" in message
+    assert "no update" in message
+    assert "no update" in error(TINY, ["optim.accumulate_steps=101", "train.steps=100"])
+    config = load_config(TINY, ["optim.accumulate_steps=100", "train.steps=100"])
+    assert (config.optim.accumulate_steps, config.train.steps) == (100, 100)
+
+
+# ------------------------------------------------------------ issue 9: dotted and duplicate keys
+
+
+def test_dotted_key_at_top_level_says_to_nest_it(tmp_path):
+    # It said "did you mean 'train.steps'?", the very key written.
+    path = write(tmp_path, "train.steps: 20\n")
+    message = error(path)
+    assert "did you mean" not in message
+    assert str(path) in message and "'train.steps'" in message
+    assert "nest it under its section" in message and "train:" in message
+
+
+def test_dotted_key_inside_a_section(tmp_path):
+    message = error(write(tmp_path, "train:\n  train.steps: 20\n"))
+    assert "'train.steps' under 'train' is dotted" in message
+    assert "write only 'steps' under train:" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "first", "second"),
+    [
+        ("train:\n  steps: 10\n  seed: 1\n  steps: 20\n", "steps", 2, 4),
+        ("train:\n  steps: 10\nmodel:\n  d_model: 32\ntrain:\n  seed: 3\n", "train", 1, 5),
+        ("name: a\nname: b\n", "name", 1, 2),
+    ],
+    ids=["in a section", "section twice", "top-level key"],
+)
+def test_duplicate_yaml_keys_are_refused(tmp_path, text, key, first, second):
+    # PyYAML kept the last one silently.
+    path = write(tmp_path, text)
+    message = error(path)
+    assert str(path) in message
+    assert f"duplicate key {key!r} (first at line {first})" in message
+    assert f"at line {second}," in message
+
+
+def test_same_key_in_different_sections_is_not_a_duplicate(tmp_path):
+    config = load_config(write(tmp_path, "model:\n  dropout: 0.1\ntrain:\n  steps: 5\n"))
+    assert (config.model.dropout, config.train.steps) == (0.1, 5)
+    path = write(tmp_path, "task:\n  name: copy\nname: other\n")
+    assert load_config(path).name == "other"
+
+
+# ---------------------------------------------------------- issue 9: checkpoint and fault keys
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.checkpoint_every=-1", "train.checkpoint_every must be >= 0; got -1"),
+        ("train.checkpoint_every=1.5", "train.checkpoint_every must be an int or null, got 1.5"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1; got 0"),
+        ("train.keep_checkpoints=null", "train.keep_checkpoints must be an int, got null"),
+        ("train.on_nonfinite=ignore", "train.on_nonfinite must be one of stop, skip; got 'ignore'"),
+        ("train.on_nonfinite=true", "train.on_nonfinite must be a string, got true (bool)"),
+    ],
+)
+def test_checkpoint_and_nonfinite_keys_are_validated(override, expected):
+    assert error(TINY, [override]).startswith(expected)
+
+
+def test_checkpoint_and_nonfinite_keys_accepted():
+    default = load_config(TINY).train
+    assert (default.checkpoint_every, default.keep_checkpoints, default.on_nonfinite) == (
+        None,
+        3,
+        "stop",
+    )
+    for value, expected in (("null", None), ("0", 0), ("25", 25)):
+        assert load_config(TINY, [f"train.checkpoint_every={value}"]).train.checkpoint_every == (
+            expected
+        )
+    assert load_config(TINY, ["train.keep_checkpoints=1"]).train.keep_checkpoints == 1
+    assert load_config(TINY, ["train.on_nonfinite=skip"]).train.on_nonfinite == "skip"
+
+
+def test_run_dir_tilde_is_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(TINY, ["train.run_dir=~/x"])
+    assert config.train.run_dir == "~/x"  # stored as written, expanded where it is used
+    assert run_dir_for(config) == tmp_path / "x"
+
+
+def test_config_error_from_yaml_is_one_line(tmp_path):
+    # PyYAML's own messages span several lines (context, problem, marks).
+    message = error(write(tmp_path, "train:\n  steps: 1\n   seed: [\n"))
+    assert message.startswith("invalid YAML in ")
