@@ -22,12 +22,18 @@ the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -86,6 +92,62 @@ def _first_line(err: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+# TensorStore and Orbax wrap the operating system's reason in long messages; these are the
+# reasons worth naming when they are in there.
+_OS_REASONS = [
+    os.strerror(code)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+]
+
+
+def _reason(err: BaseException) -> str:
+    """The operating system's reason somewhere in ``err``'s chain, else its first line."""
+    seen, e = set(), err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        match = next((r for r in _OS_REASONS if r in str(e)), None)
+        if match:
+            return match
+        e = e.__cause__ or e.__context__
+    return _first_line(err)
+
+
+@contextlib.contextmanager
+def _quiet_on_failure():
+    """Around an Orbax save or restore. When one part of it fails, its other parts go on in
+    threads and an event loop that is already closed, and print their own errors for
+    seconds (hundreds of lines). The caller reports the failure in one line; the rest is
+    silenced from the start of the call, and stays silenced when the call fails (the
+    leftover threads are still running then). A call that succeeds restores everything."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    saved = ([lg.level for lg in loggers], sys.unraisablehook, threading.excepthook)
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    sys.unraisablehook = lambda unraisable: None  # "Exception ignored in coroutine ..."
+    threading.excepthook = lambda args: None
+    yield
+    for lg, level in zip(loggers, saved[0], strict=True):
+        lg.setLevel(level)
+    sys.unraisablehook, threading.excepthook = saved[1], saved[2]
+
+
+def _broken_json_file(directory: Path) -> Path | None:
+    """The first of Orbax's JSON files under ``directory`` that does not parse (a truncated
+    ``_METADATA``, say): a more useful name than the directory for a restore that failed."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name in _JSON_FILES:
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, OSError):
+                return path
+    return None
+
+
+_JSON_FILES = ("_METADATA", "_CHECKPOINT_METADATA", "_sharding", "metadata", "metrics")
+
+
 def _file_in(err: BaseException, root: Path) -> str | None:
     """A path under ``root`` that an (Orbax, TensorStore, json) error message mentions."""
     pattern = re.compile(re.escape(str(root.absolute())) + r"[^\s'\",:\]]*")
@@ -116,6 +178,8 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise RunError(f"{self.directory} does not exist: the run has no checkpoint yet")
+        if not read_only:
+            self._remove_temporaries()  # what a save cut short by a kill left
         absl = logging.getLogger("absl")
         level = absl.level
         absl.setLevel(logging.ERROR)  # read_only logs warnings that say only that
@@ -132,7 +196,7 @@ class Checkpoints:
                 ),
                 best_fn=_quality,  # makes Orbax store the metrics with each step (and best_step)
                 enable_async_checkpointing=False,  # a save has returned => the step is on disk
-                cleanup_tmp_directories=not read_only,  # a save cut short by a kill
+                cleanup_tmp_directories=False,  # done here, synchronously (_remove_temporaries)
                 create=not read_only,
                 read_only=read_only,
             )
@@ -190,26 +254,55 @@ class Checkpoints:
             opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta),
         )
+        self._check_room(step)
         try:
-            self._manager.save(step, args=args, metrics=metrics, force=True)
-            self._manager.wait_until_finished()
+            with _quiet_on_failure():
+                self._manager.save(step, args=args, metrics=metrics, force=True)
+                self._manager.wait_until_finished()
         except Exception as err:  # Orbax and TensorStore wrap OSErrors in their own types
-            self._remove_partial(step)
-            kept = ", ".join(map(str, self.steps())) or "none"
-            cause = err.strerror if isinstance(err, OSError) and err.strerror else None
+            self._remove_temporaries(settle=True)
             raise RunError(
                 f"cannot save the checkpoint of step {step} in {self.directory}: "
-                f"{cause or _first_line(err)}; checkpoints kept: {kept}"
+                f"{_reason(err)}; checkpoints kept: {self._kept()}"
             ) from err
 
-    def _remove_partial(self, step: int) -> None:
-        """Delete what a failed save of ``step`` left (only Orbax's temporaries of it)."""
-        for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(p, ignore_errors=True)
-        try:
+    def _kept(self) -> str:
+        with contextlib.suppress(Exception):  # a listing for a message, after a failure
             self._manager.reload()
-        except Exception:
-            pass
+        return ", ".join(map(str, self.steps())) or "none"
+
+    def _check_room(self, step: int) -> None:
+        """Refuse a save that cannot fit: twice the size of the latest checkpoint must be
+        free. A full disk is then one clear line, before Orbax starts writing."""
+        latest = self.latest_step()
+        if latest is None:
+            return  # the run directory's free space was checked before training
+        size = sum(f.stat().st_size for f in self.step_dir(latest).rglob("*") if f.is_file())
+        free = shutil.disk_usage(self.directory).free
+        if free < 2 * size:
+            raise RunError(
+                f"cannot save the checkpoint of step {step} in {self.directory}: "
+                f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free, a checkpoint "
+                f"takes {size / 2**20:.1f} MiB); checkpoints kept: {self._kept()}"
+            )
+
+    def _remove_temporaries(self, settle: bool = False) -> None:
+        """Delete Orbax's temporary step directories (``*.orbax-checkpoint-tmp*``): a save
+        that was cut short. With ``settle``, after a failed save, keep deleting until the
+        failed save's other writers, still running in Orbax's threads, have stopped."""
+        deadline = time.monotonic() + (5.0 if settle else 0.0)
+        quiet_since = None
+        while True:
+            leftovers = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
+            for p in leftovers:
+                shutil.rmtree(p, ignore_errors=True)
+            if not settle or time.monotonic() > deadline:
+                return
+            now = time.monotonic()
+            quiet_since = (quiet_since or now) if not leftovers else None
+            if quiet_since is not None and now - quiet_since > 0.5:
+                return
+            time.sleep(0.05)
 
     # ---------------------------------------------------------------------------- reading
 
@@ -217,14 +310,13 @@ class Checkpoints:
         ocp = self._ocp
         where = self.step_dir(step) / "meta"
         try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-            )
-            meta = restored["meta"]
+            with _quiet_on_failure():
+                args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+                meta = self._manager.restore(step, args=args)["meta"]
         except Exception as err:
             raise RunError(
                 f"{_file_in(err, where) or where}: cannot read the checkpoint's metadata "
-                f"({_first_line(err)})"
+                f"({_reason(err)})"
             ) from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -277,16 +369,19 @@ class Checkpoints:
             item: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
             for item, like in wanted.items()
         }
-        args = ocp.args.Composite(
-            **{item: ocp.args.StandardRestore(a) for item, a in abstract.items()}
-        )
-        try:
-            restored = self._manager.restore(step, args=args)
-        except Exception as err:
-            raise RunError(
-                f"{_file_in(err, step_dir) or step_dir}: cannot read the checkpoint "
-                f"({_first_line(err)})"
-            ) from None
+        restored = {}
+        for item, a in abstract.items():  # one at a time, to name the item that fails
+            args = ocp.args.Composite(**{item: ocp.args.StandardRestore(a)})
+            try:
+                with _quiet_on_failure():
+                    restored[item] = self._manager.restore(step, args=args)[item]
+            except Exception as err:
+                where = (
+                    _file_in(err, step_dir / item)
+                    or _broken_json_file(step_dir / item)
+                    or step_dir / item
+                )
+                raise RunError(f"{where}: cannot read the checkpoint ({_reason(err)})") from None
         for item in wanted:
             digests = array_digests(restored[item])
             for key, d in digests.items():

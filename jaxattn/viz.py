@@ -170,11 +170,16 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
     """
     from jaxattn import tasks
     from jaxattn.checkpoints import load_run
+    from jaxattn.rundir import RunError, describe_os_error
 
     run_dir = Path(run_dir).expanduser()
     out_dir = run_dir if out_dir is None else Path(out_dir).expanduser()
     model, config = load_run(run_dir, step=step)
     records = read_metrics(run_dir / "metrics.jsonl")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"cannot write {out_dir}: {describe_os_error(err)}") from None
     batch = tasks.eval_batch(config.task)
     if not 0 <= example < batch.inputs.shape[0]:
         raise ValueError(f"example must be in [0, {batch.inputs.shape[0]}), got {example}")

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -40,3 +46,156 @@ def test_plot_attention_checks_shapes(tmp_path):
         plot_attention(np.zeros((2, 3, 4)), [1, 2, 3], tmp_path / "x.png")
     with pytest.raises(ValueError, match="tokens has length 2"):
         plot_attention(np.zeros((1, 1, 3, 3)), [1, 2], tmp_path / "x.png")
+
+
+# ------------------------------------------- what viz reads is checked first (issue 9, point 4)
+
+ROOT = Path(__file__).resolve().parents[1]
+PICTURES = ("attention.png", "curves.png")
+
+
+@pytest.fixture(scope="module")
+def viz_run(tmp_path_factory):
+    """A 20-step run with checkpoints at steps 10 and 20; tests copy it before damaging it."""
+    run_dir = tmp_path_factory.mktemp("viz") / "run"
+    config = load_config(
+        "configs/tiny.yaml",
+        [
+            f"train.run_dir={run_dir}",
+            "train.progress=false",
+            "train.steps=20",
+            "train.eval_every=10",
+            "train.steps_per_call=10",
+            "task.eval_size=16",
+        ],
+    )
+    train(config, log=lambda _: None)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(viz_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(viz_run, copy, symlinks=True)
+    assert not any((copy / name).exists() for name in PICTURES)
+    return copy
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def one_stderr_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("jaxattn.viz: ")
+    return lines[0]
+
+
+def _drop_exact_match(record: dict) -> str:
+    del record["exact_match"]
+    return json.dumps(record)
+
+
+def _cut_json(record: dict) -> str:
+    return json.dumps(record)[:25]
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [(_drop_exact_match, "no key 'exact_match'"), (_cut_json, "not JSON")],
+    ids=["missing key", "not JSON"],
+)
+def test_viz_refuses_a_bad_metrics_line_before_drawing_anything(run_copy, capsys, damage, says):
+    metrics = run_copy / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[1] = damage(json.loads(lines[1]))
+    metrics.write_text("\n".join(lines) + "\n")
+    before = listing(run_copy)
+    assert main([str(run_copy)]) == 2
+    line = one_stderr_line(capsys)
+    assert str(metrics) in line and "line 2" in line and says in line
+    assert "Traceback" not in line
+    # Nothing drawn: no attention.png written before metrics.jsonl was found unusable.
+    assert listing(run_copy) == before
+
+
+def _data_files(params_dir: Path) -> list[Path]:
+    """The files holding the parameters' array data (OCDBT's ``d/`` directories)."""
+    return [p for p in params_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+def _flip_bytes(params_dir: Path) -> None:
+    path = max(_data_files(params_dir), key=lambda p: p.stat().st_size)  # array data
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def _truncate(params_dir: Path) -> None:
+    for path in _data_files(params_dir):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [_flip_bytes, _truncate], ids=["flipped", "truncated"])
+def test_viz_cli_on_a_corrupt_checkpoint_is_one_line_and_draws_nothing(run_copy, damage):
+    for step_dir in (run_copy / "checkpoints").iterdir():  # whichever step viz picks
+        damage(step_dir / "params")
+    before = listing(run_copy)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxattn.viz", str(run_copy)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"{len(lines)} lines on stderr: {proc.stderr[:3000]}"
+    assert lines[0].startswith("jaxattn.viz: ") and str(run_copy / "checkpoints") in lines[0]
+    assert listing(run_copy) == before
+
+
+@pytest.mark.parametrize("out", ["/proc/x", "{run}/config.yaml/pictures"])
+def test_viz_out_to_an_unwritable_place_is_one_line(run_copy, capsys, out):
+    out = out.format(run=run_copy)
+    before = listing(run_copy)
+    assert main([str(run_copy), "--out", out]) == 2
+    line = one_stderr_line(capsys)
+    assert out in line and "cannot write" in line
+    assert listing(run_copy) == before
+    assert not any(p.name.endswith(".png") for p in run_copy.rglob("*"))
+
+
+def test_viz_out_writes_both_pictures_there_and_nothing_into_the_run(run_copy, tmp_path, capsys):
+    out = tmp_path / "pictures"
+    out.mkdir()
+    before = listing(run_copy)
+    assert main([str(run_copy), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out / name) for name in PICTURES]
+    assert listing(out) == list(PICTURES)
+    for name in PICTURES:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert listing(run_copy) == before
+
+
+def test_viz_step_picks_latest_best_or_a_number(run_copy, tmp_path, capsys):
+    # Step 10 made the best by exact-match, so that best (10) != latest (20).
+    (run_copy / "checkpoints" / "10" / "metrics" / "metrics").write_text(
+        json.dumps({"exact_match": 1.0, "eval_loss": 9.0})
+    )
+    drawn = {}
+    for step in ("latest", "20", "best"):
+        out = tmp_path / f"step-{step}"
+        out.mkdir()
+        assert main([str(run_copy), "--step", step, "--out", str(out)]) == 0
+        drawn[step] = (out / "attention.png").read_bytes()
+    assert drawn["latest"] == drawn["20"]
+    assert drawn["best"] != drawn["latest"]
+    capsys.readouterr()
+    assert main([str(run_copy), "--step", "30"]) == 2
+    assert "[10, 20]" in one_stderr_line(capsys)
+    assert main([str(run_copy), "--step", "newest"]) == 2
+    assert "'newest'" in one_stderr_line(capsys)
+    assert not any((run_copy / name).exists() for name in PICTURES)
