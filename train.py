@@ -20,8 +20,10 @@ import sys
 
 
 def _resume_command(argv: list[str]) -> str:
+    """The command line that continues this run, as the user started it (same directory)."""
+    script = sys.argv[0] if sys.argv[0].endswith("train.py") else "train.py"
     args = [a for a in argv if a not in ("--resume", "--overwrite")]
-    return shlex.join(["python", "train.py", *args, "--resume"])
+    return shlex.join(["python", script, *args, "--resume"])
 
 
 def main(argv=None) -> int:

@@ -240,7 +240,7 @@ def _train_in(config: Config, run: RunDir, resume: bool, stop, log, start) -> Tr
         _write(run.path / "config.yaml", dump_config(config))
         _write(
             run.path / "metrics.jsonl",
-            "".join(json.dumps(r) + "\n" for r in progress.records),
+            "".join(json.dumps(r, allow_nan=False) + "\n" for r in progress.records),
         )
         loop = _Loop(config, run, ckpts, stop, spec, progress, optimizer, graphdef)
         if loop.done:
@@ -374,7 +374,7 @@ class _Loop:
         p.pending = {"loss": [], "accuracy": [], "skipped": []}
         p.reached = p.last_eval["exact_match"] >= self.config.train.target_exact_match
         try:
-            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
             metrics_file.flush()
         except OSError as err:
             raise RunError(
@@ -408,9 +408,10 @@ class _Loop:
             ),
             "best_checkpoint": self.ckpts.best_step(),
             "resumed_from": resumed_from,
-            **p.last_eval,
+            **{k: _finite_or_none(v) for k, v in p.last_eval.items()},
         }
-        _write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2, allow_nan=False)
+        _write(self.run_dir / "summary.json", text + "\n")
         log(
             f"{'reached' if p.reached else 'did not reach'} exact-match target "
             f"{tc.target_exact_match:.3f}: {p.last_eval.get('exact_match', float('nan')):.4f} "
