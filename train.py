@@ -29,6 +29,7 @@ def _resume_command(argv: list[str]) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # "--over" would survive into the printed resume command
         description="Train a TinyDecoder on a synthetic sequence task.",
         epilog="example: python train.py --config configs/tiny.yaml train.steps=500",
     )
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
             print(f"train.py: config error: {err}", file=sys.stderr)
             return 2
 
+        from jaxattn._orbax_errors import silence_for_exit
         from jaxattn.loop import TrainingInterrupted, train
         from jaxattn.rundir import RunError
 
@@ -59,12 +61,13 @@ def main(argv=None) -> int:
             result = train(config, resume=args.resume, overwrite=args.overwrite)
         except RunError as err:
             print(f"train.py: {err}", file=sys.stderr)
+            silence_for_exit()
             return 2
         except TrainingInterrupted as stop:
             print(f"train.py: {stop}; resume with: {_resume_command(argv)}", file=sys.stderr)
             return 128 + stop.signum
-    except KeyboardInterrupt:  # before training installed its handlers: nothing written
-        print("train.py: interrupted before training started", file=sys.stderr)
+    except KeyboardInterrupt:  # outside training's handlers: before it, or once it is done
+        print("train.py: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     print(f"run directory: {result.run_dir}")
     return 0

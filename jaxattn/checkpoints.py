@@ -29,10 +29,7 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -40,7 +37,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxattn.rundir import RunError, describe_os_error
+from jaxattn import _orbax_errors as errors
+from jaxattn.rundir import MARK, RunError
 
 __all__ = ["Checkpoints", "load_run", "model_spec", "spec_fingerprint"]
 
@@ -87,80 +85,6 @@ def _shapes(tree) -> dict[str, dict]:
     }
 
 
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-# TensorStore and Orbax wrap the operating system's reason in long messages; these are the
-# reasons worth naming when they are in there.
-_OS_REASONS = [
-    os.strerror(code)
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
-]
-
-
-def _reason(err: BaseException) -> str:
-    """The operating system's reason somewhere in ``err``'s chain, else its first line."""
-    seen, e = set(), err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.strerror:
-            return e.strerror
-        match = next((r for r in _OS_REASONS if r in str(e)), None)
-        if match:
-            return match
-        e = e.__cause__ or e.__context__
-    return _first_line(err)
-
-
-@contextlib.contextmanager
-def _quiet_on_failure():
-    """Around an Orbax save or restore. When one part of it fails, its other parts go on in
-    threads and an event loop that is already closed, and print their own errors for
-    seconds (hundreds of lines). The caller reports the failure in one line; the rest is
-    silenced from the start of the call, and stays silenced when the call fails (the
-    leftover threads are still running then). A call that succeeds restores everything."""
-    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-    saved = ([lg.level for lg in loggers], sys.unraisablehook, threading.excepthook)
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
-    sys.unraisablehook = lambda unraisable: None  # "Exception ignored in coroutine ..."
-    threading.excepthook = lambda args: None
-    yield
-    for lg, level in zip(loggers, saved[0], strict=True):
-        lg.setLevel(level)
-    sys.unraisablehook, threading.excepthook = saved[1], saved[2]
-
-
-def _broken_json_file(directory: Path) -> Path | None:
-    """The first of Orbax's JSON files under ``directory`` that does not parse (a truncated
-    ``_METADATA``, say): a more useful name than the directory for a restore that failed."""
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name in _JSON_FILES:
-            try:
-                json.loads(path.read_bytes())
-            except (ValueError, OSError):
-                return path
-    return None
-
-
-_JSON_FILES = ("_METADATA", "_CHECKPOINT_METADATA", "_sharding", "metadata", "metrics")
-
-
-def _file_in(err: BaseException, root: Path) -> str | None:
-    """A path under ``root`` that an (Orbax, TensorStore, json) error message mentions."""
-    pattern = re.compile(re.escape(str(root.absolute())) + r"[^\s'\",:\]]*")
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        match = pattern.search(str(err))
-        if match:
-            return match.group(0)
-        err = err.__cause__ or err.__context__
-    return None
-
-
 class Checkpoints:
     """The checkpoints directory of one run.
 
@@ -176,6 +100,8 @@ class Checkpoints:
 
         self._ocp = ocp
         self.directory = Path(directory).absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise RunError(f"{self.directory} is not a directory of checkpoints")
         if read_only and not self.directory.is_dir():
             raise RunError(f"{self.directory} does not exist: the run has no checkpoint yet")
         if not read_only:
@@ -200,10 +126,14 @@ class Checkpoints:
                 create=not read_only,
                 read_only=read_only,
             )
-            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
-        except OSError as err:
+            with errors.quiet():  # it reads every step's metrics: one may be corrupt
+                self._manager = ocp.CheckpointManager(
+                    self.directory, options=options, item_names=ITEMS
+                )
+        except Exception as err:
             raise RunError(
-                f"cannot open checkpoints in {self.directory}: {describe_os_error(err)}"
+                f"{errors.where(err, self.directory)}: cannot open the checkpoints "
+                f"({errors.reason(err)})"
             ) from None
         finally:
             absl.setLevel(level)
@@ -256,14 +186,14 @@ class Checkpoints:
         )
         self._check_room(step)
         try:
-            with _quiet_on_failure():
+            with errors.quiet():
                 self._manager.save(step, args=args, metrics=metrics, force=True)
                 self._manager.wait_until_finished()
         except Exception as err:  # Orbax and TensorStore wrap OSErrors in their own types
             self._remove_temporaries(settle=True)
             raise RunError(
                 f"cannot save the checkpoint of step {step} in {self.directory}: "
-                f"{_reason(err)}; checkpoints kept: {self._kept()}"
+                f"{errors.reason(err)}; checkpoints kept: {self._kept()}"
             ) from err
 
     def _kept(self) -> str:
@@ -306,24 +236,37 @@ class Checkpoints:
 
     # ---------------------------------------------------------------------------- reading
 
-    def read_meta(self, step: int) -> dict:
+    def read_meta(self, step: int, needs: tuple = ()) -> dict:
+        """The ``meta`` item of ``step``, with every key a restore ``needs`` present (and
+        the model spec and array digests that every restore checks)."""
         ocp = self._ocp
         where = self.step_dir(step) / "meta"
         try:
-            with _quiet_on_failure():
+            with errors.quiet():
                 args = ocp.args.Composite(meta=ocp.args.JsonRestore())
                 meta = self._manager.restore(step, args=args)["meta"]
         except Exception as err:
             raise RunError(
-                f"{_file_in(err, where) or where}: cannot read the checkpoint's metadata "
-                f"({_reason(err)})"
+                f"{errors.where(err, where)}: cannot read the checkpoint's metadata "
+                f"({errors.reason(err)})"
             ) from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise RunError(f"{where}: not a checkpoint of this jaxattn (format {found!r})")
+        missing = [key for key in ("model_spec", "fingerprint", *needs) if key not in meta]
+        arrays = meta.get("arrays")
+        missing += [
+            f"arrays.{item}"
+            for item in ("params", "opt_state")
+            if not (isinstance(arrays, dict) and isinstance(arrays.get(item), dict))
+        ]
+        if missing:
+            raise RunError(f"{where}: no key {missing[0]!r} (incomplete or edited metadata)")
         return meta
 
-    def restore(self, step: int, params_like, opt_state_like=None, *, spec: dict, spec_source):
+    def restore(
+        self, step: int, params_like, opt_state_like=None, *, spec: dict, spec_source, needs=()
+    ):
         """``(params, opt_state or None, meta)`` of ``step``, verified.
 
         Args:
@@ -332,65 +275,68 @@ class Checkpoints:
             the optimizer state (loading a model only).
           spec: ``model_spec`` of the config the caller builds the model from.
           spec_source: what to name when that config differs (e.g. ``runs/x/config.yaml``).
+          needs: keys of meta the caller reads (checked present, as the caller's own).
 
         Raises RunError naming the differing config key, the leaf whose shape or checksum
         differs, or the file that cannot be read.
         """
-        ocp = self._ocp
-        meta = self.read_meta(step)
-        step_dir = self.step_dir(step)
-        saved_spec = meta.get("model_spec", {})
-        if spec_fingerprint(saved_spec) != meta.get("fingerprint"):
-            raise RunError(f"{step_dir / 'meta'}: its model fingerprint does not match (edited?)")
-        for key in sorted(set(spec) | set(saved_spec)):
-            if spec.get(key) != saved_spec.get(key):
-                raise RunError(
-                    f"{spec_source}: {key} is {spec.get(key)!r}, but checkpoint {step} was "
-                    f"trained with {key}={saved_spec.get(key)!r}"
-                )
+        meta = self.read_meta(step, needs)
+        self._check_spec(step, meta, spec, spec_source)
         wanted = {"params": params_like}
         if opt_state_like is not None:
             wanted["opt_state"] = opt_state_like
-        for item, like in wanted.items():
-            saved = meta["arrays"][item]
-            for key, s in _shapes(like).items():
-                if key not in saved:
-                    raise RunError(f"{step_dir / item}: has no {item} leaf {key}")
-                got = saved[key]
-                if got["shape"] != s["shape"] or got["dtype"] != s["dtype"]:
-                    raise RunError(
-                        f"{step_dir / item}: {key} is {got['dtype']}{got['shape']} in the "
-                        f"checkpoint but the model needs {s['dtype']}{s['shape']}"
-                    )
-            if len(saved) != len(_shapes(like)):
-                extra = sorted(set(saved) - set(_shapes(like)))
-                raise RunError(f"{step_dir / item}: unexpected {item} leaves {', '.join(extra)}")
-        abstract = {
-            item: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
-            for item, like in wanted.items()
-        }
         restored = {}
-        for item, a in abstract.items():  # one at a time, to name the item that fails
-            args = ocp.args.Composite(**{item: ocp.args.StandardRestore(a)})
-            try:
-                with _quiet_on_failure():
-                    restored[item] = self._manager.restore(step, args=args)[item]
-            except Exception as err:
-                where = (
-                    _file_in(err, step_dir / item)
-                    or _broken_json_file(step_dir / item)
-                    or step_dir / item
-                )
-                raise RunError(f"{where}: cannot read the checkpoint ({_reason(err)})") from None
-        for item in wanted:
-            digests = array_digests(restored[item])
-            for key, d in digests.items():
-                if d["sha256"] != meta["arrays"][item][key]["sha256"]:
+        for item, like in wanted.items():  # one at a time, to name the item that fails
+            self._check_shapes(step, item, like, meta["arrays"][item])
+            restored[item] = self._restore_item(step, item, like)
+            for key, digest in array_digests(restored[item]).items():
+                if digest["sha256"] != meta["arrays"][item][key]["sha256"]:
                     raise RunError(
-                        f"{step_dir / item}: {key} differs from what was saved (checksum "
-                        "mismatch: the checkpoint's files are corrupt)"
+                        f"{self.step_dir(step) / item}: {key} differs from what was saved "
+                        "(checksum mismatch: the checkpoint's files are corrupt)"
                     )
         return restored["params"], restored.get("opt_state"), meta
+
+    def _check_spec(self, step: int, meta: dict, spec: dict, spec_source) -> None:
+        saved = meta["model_spec"]
+        if spec_fingerprint(saved) != meta["fingerprint"]:
+            raise RunError(
+                f"{self.step_dir(step) / 'meta'}: its model fingerprint does not match its "
+                "model keys (edited metadata)"
+            )
+        for key in sorted(set(spec) | set(saved)):
+            if spec.get(key) != saved.get(key):
+                raise RunError(
+                    f"{spec_source}: {key} is {spec.get(key)!r}, but checkpoint {step} was "
+                    f"trained with {key}={saved.get(key)!r}"
+                )
+
+    def _check_shapes(self, step: int, item: str, like, saved: dict) -> None:
+        where = self.step_dir(step) / item
+        needed = _shapes(like)
+        for key, s in needed.items():
+            got = saved.get(key)
+            if got is None:
+                raise RunError(f"{where}: has no {item} leaf {key}")
+            if got["shape"] != s["shape"] or got["dtype"] != s["dtype"]:
+                raise RunError(
+                    f"{where}: {key} is {got['dtype']}{got['shape']} in the checkpoint but "
+                    f"the model needs {s['dtype']}{s['shape']}"
+                )
+        extra = sorted(set(saved) - set(needed))
+        if extra:
+            raise RunError(f"{where}: unexpected {item} leaves {', '.join(extra)}")
+
+    def _restore_item(self, step: int, item: str, like):
+        ocp = self._ocp
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+        args = ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
+        try:
+            with errors.quiet():
+                return self._manager.restore(step, args=args)[item]
+        except Exception as err:
+            where = errors.where(err, self.step_dir(step) / item)
+            raise RunError(f"{where}: cannot read the checkpoint ({errors.reason(err)})") from None
 
 
 def load_run(run_dir, *, step="best"):
@@ -406,7 +352,6 @@ def load_run(run_dir, *, step="best"):
     is missing or corrupt.
     """
     from jaxattn.config import ConfigError, load_config
-    from jaxattn.rundir import MARK
     from jaxattn.training import abstract_model
 
     run_dir = Path(run_dir).expanduser()

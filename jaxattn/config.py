@@ -67,7 +67,8 @@ class TrainConfig:
     seed: int = 0  # parameters, dropout and training batches
     steps_per_call: int = 50  # steps fused in one jitted lax.scan
     progress: bool = True  # show a progress bar
-    checkpoint_every: int | None = None  # steps between checkpoints (None = each eval; 0 = end)
+    checkpoint_every: int | None = None  # steps between checkpoints (None = each eval; 0 = end);
+    # a multiple of gcd(steps_per_call, eval_every), so checkpoints fall between fused calls
     keep_checkpoints: int = 3  # latest checkpoints kept (the best by exact-match is kept too)
     on_nonfinite: str = "stop"  # stop | skip: a non-finite loss stops the run or skips the step
 
@@ -200,6 +201,12 @@ def _cross_field_errors(config: Config):
         yield (
             f"optim.accumulate_steps={o.accumulate_steps} micro-batches per update is more than "
             f"train.steps={tr.steps}: the run would make no update"
+        )
+    if tr.checkpoint_every and tr.checkpoint_every % chunk_size(tr):
+        yield (
+            f"train.checkpoint_every must be a multiple of {chunk_size(tr)}, the steps fused "
+            f"in one call (gcd of train.steps_per_call={tr.steps_per_call} and "
+            f"train.eval_every={tr.eval_every}); got {tr.checkpoint_every}"
         )
     if m.max_len < 2 * t.length + 2:
         yield (
@@ -388,9 +395,15 @@ def dump_config(config: Config) -> str:
     return f"# resolved config of run {config.name!r}, written by jaxattn\n{text}"
 
 
-def save_config(config: Config, path) -> None:
-    """Write ``config`` as YAML (see :func:`dump_config`)."""
-    Path(path).write_text(dump_config(config))
+def chunk_size(train: TrainConfig) -> int:
+    """Steps fused in one jitted call: ``steps_per_call``, cut so that chunks end on every
+    evaluation (and so on every checkpoint, a multiple of it)."""
+    return math.gcd(train.steps_per_call, train.eval_every)
+
+
+def checkpoint_every(train: TrainConfig) -> int:
+    """Steps between checkpoints; 0 = only at the end (and when stopped)."""
+    return train.eval_every if train.checkpoint_every is None else train.checkpoint_every
 
 
 def run_dir_for(config: Config) -> Path:

@@ -28,15 +28,18 @@ from tqdm import tqdm
 
 from jaxattn import tasks
 from jaxattn.checkpoints import Checkpoints, model_spec, spec_fingerprint
-from jaxattn.config import Config, ConfigError, dump_config, load_config, run_dir_for, to_dict
-from jaxattn.optim import make_optimizer
-from jaxattn.rundir import (
-    RunDir,
-    RunError,
-    atomic_write_text,
-    describe_os_error,
-    open_run_dir,
+from jaxattn.config import (
+    Config,
+    ConfigError,
+    checkpoint_every,
+    chunk_size,
+    dump_config,
+    load_config,
+    run_dir_for,
+    to_dict,
 )
+from jaxattn.optim import make_optimizer
+from jaxattn.rundir import RunDir, RunError, atomic_write_text, open_run_dir
 from jaxattn.training import (
     abstract_model,
     init_state,
@@ -47,8 +50,15 @@ from jaxattn.training import (
 
 __all__ = ["TrainResult", "TrainingInterrupted", "train"]
 
-# Keys a resumed run may change: where the directory is named from, and the progress bar.
-_RESUMABLE_DIFFERENCES = ("train.run_dir", "train.progress")
+# Keys a resumed run may change: they name the directory, draw the bar, or say which
+# checkpoints to write and keep; none changes a step's numbers or metrics.jsonl.
+_RESUMABLE_DIFFERENCES = (
+    "train.run_dir",
+    "train.progress",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+)
+_PER_STEP = ("loss", "accuracy", "nonfinite")  # per-step values kept until an evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +82,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class _StopSignals:
-    """SIGINT and SIGTERM set ``signum``; the loop stops at the next chunk boundary.
+    """SIGINT and SIGTERM set ``signum`` (the first one received); the loop stops at the
+    next chunk boundary.
 
     The handlers never raise, so a save in progress is never cut in half. Handlers are
     installed only from the main thread (Python's rule) and restored on exit.
@@ -83,12 +94,12 @@ class _StopSignals:
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
-            msg = (
+        if self.signum is None:
+            self.signum = signum
+        else:  # impatient: say why nothing happens yet
+            sys.stderr.write(
                 "\nstopping after the current chunk and saving a checkpoint; kill -9 to stop now\n"
             )
-            sys.stderr.write(msg)
-        self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -101,46 +112,24 @@ class _StopSignals:
             signal.signal(s, handler)
 
 
+def _no_pending() -> dict:
+    return {k: [] for k in _PER_STEP}
+
+
 @dataclasses.dataclass
 class _Progress:
     """What the loop carries between chunks; saved in every checkpoint's meta."""
 
     step: int = 0
     records: list = dataclasses.field(default_factory=list)  # metrics.jsonl, one per eval
-    pending: dict = dataclasses.field(  # per-step values since the last evaluation
-        default_factory=lambda: {"loss": [], "accuracy": [], "skipped": []}
-    )
+    pending: dict = dataclasses.field(default_factory=_no_pending)  # since the last eval
     last_eval: dict = dataclasses.field(default_factory=dict)
     reached: bool = False
     seconds: float = 0.0  # wall time of the sessions before this one
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def _finite_or_none(x: float):
     return x if math.isfinite(x) else None  # JSON has no NaN
-
-
-def _chunk_size(tc) -> int:
-    size = math.gcd(tc.steps_per_call, tc.eval_every)
-    every = _checkpoint_every(tc)
-    return math.gcd(size, every) if every else size
-
-
-def _checkpoint_every(tc) -> int:
-    """Steps between checkpoints; 0 = only at the end (and when stopped)."""
-    return tc.eval_every if tc.checkpoint_every is None else tc.checkpoint_every
-
-
-def _config_difference(stored: dict, config: Config) -> str | None:
-    """The first key (other than those a resume may change) where ``stored`` (a config as a
-    nested dict) and ``config`` differ, as a phrase; None when they agree."""
-    a, b = _flatten(stored), _flatten(to_dict(config))
-    for key in sorted(set(a) | set(b)):
-        if key not in _RESUMABLE_DIFFERENCES and a.get(key) != b.get(key):
-            return f"{key} is {b.get(key)!r} here but {a.get(key)!r} in the run"
-    return None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -153,41 +142,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _stored_config(run: RunDir) -> Config:
-    path = run.path / "config.yaml"
+def _config_difference(stored: dict, config: Config) -> str | None:
+    """The first key (other than those a resume may change) where ``stored`` (a config as a
+    nested dict) and ``config`` differ, as a phrase; None when they agree."""
+    a, b = _flatten(stored), _flatten(to_dict(config))
+    for key in sorted(set(a) | set(b)):
+        if key not in _RESUMABLE_DIFFERENCES and a.get(key) != b.get(key):
+            return f"{key} is {b.get(key)!r} here but {a.get(key)!r} in the run"
+    return None
+
+
+def _write(path: Path, text: str) -> None:
     try:
-        return load_config(path)
-    except ConfigError as err:
-        raise RunError(f"{path}: {err}") from None
-
-
-def train(
-    config: Config, *, resume: bool = False, overwrite: bool = False, log=print
-) -> TrainResult:
-    """Train ``config`` into its run directory (``train.run_dir``, default ``runs/<name>``).
-
-    Args:
-      resume: continue the run in that directory from its latest checkpoint (a new run is
-        started when there is none). Its config must equal ``config`` except for
-        ``train.run_dir`` and ``train.progress``.
-      overwrite: replace the run in that directory (only the files a run writes are deleted).
-      log: where the one-line result goes.
-
-    Raises:
-      RunError: the directory is not ours or cannot be written, a checkpoint cannot be
-        read or saved, or the loss became non-finite (``train.on_nonfinite=stop``). One
-        line naming the path, file, key or step.
-      TrainingInterrupted: SIGINT or SIGTERM; the checkpoint of the step reached is saved.
-    """
-    start = time.perf_counter()
-    needed = (config.train.keep_checkpoints + 2) * (_state_bytes(config) + 2**18)
-    with (
-        _StopSignals() as stop,
-        open_run_dir(
-            run_dir_for(config), resume=resume, overwrite=overwrite, needed_bytes=needed
-        ) as run,
-    ):
-        return _train_in(config, run, resume, stop, log, start)
+        atomic_write_text(path, text)
+    except OSError as err:
+        raise RunError.writing(path, err) from None
 
 
 def _state_bytes(config: Config) -> int:
@@ -200,205 +169,254 @@ def _state_bytes(config: Config) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def _train_in(config: Config, run: RunDir, resume: bool, stop, log, start) -> TrainResult:
-    tc = config.train
-    resuming = resume and run.existed
-    # A run killed before it wrote config.yaml has no checkpoint either: nothing to compare.
-    if resuming and (run.path / "config.yaml").exists():
-        difference = _config_difference(to_dict(_stored_config(run)), config)
-        if difference:
-            raise RunError(
-                f"cannot resume {run.path}: {difference}; resume with the run's config "
-                "(see its config.yaml) or pass --overwrite to start again"
-            )
-    optimizer = make_optimizer(
-        config.optim, d_model=config.model.d_model, total_steps=updates(config)
-    )
-    graphdef, params, opt_state = init_state(config, optimizer)
-    spec = model_spec(config)
-    with Checkpoints(run.checkpoints, keep=tc.keep_checkpoints) as ckpts:
-        progress, resumed_from = _Progress(), None
-        latest = ckpts.latest_step() if resuming else None
-        if latest is not None:
-            pure, opt_state, meta = ckpts.restore(
-                latest,
-                nnx.to_pure_dict(params),
-                opt_state,
-                spec=spec,
-                spec_source=run.path / "config.yaml",
-            )
-            nnx.replace_by_pure_dict(params, pure)
-            difference = _config_difference(meta["config"], config)
-            if difference:  # config.yaml was edited since the checkpoint was saved
-                raise RunError(
-                    f"{run.path / 'config.yaml'} differs from checkpoint {latest}: {difference}"
-                )
-            progress = _Progress(**meta["progress"])
-            resumed_from = latest
-        elif resume and not run.existed:
+def train(
+    config: Config, *, resume: bool = False, overwrite: bool = False, log=print
+) -> TrainResult:
+    """Train ``config`` into its run directory (``train.run_dir``, default ``runs/<name>``).
+
+    Args:
+      resume: continue the run in that directory from its latest checkpoint (a new run is
+        started when there is none). Its config must equal ``config`` except for
+        ``train.run_dir``, ``train.progress``, ``train.checkpoint_every`` and
+        ``train.keep_checkpoints``.
+      overwrite: replace the run in that directory (only the files a run writes are deleted).
+      log: where the one-line result goes.
+
+    Raises:
+      RunError: the directory is not ours or cannot be written, a checkpoint cannot be
+        read or saved, or the loss or gradients became non-finite
+        (``train.on_nonfinite=stop``). One line naming the path, file, key or step.
+      TrainingInterrupted: SIGINT or SIGTERM; the checkpoint of the step reached is saved.
+    """
+    start = time.perf_counter()
+    # Room for the kept checkpoints, one being written, and a margin: checked before the
+    # run directory is created (each save checks again against the checkpoints' real size).
+    needed = (config.train.keep_checkpoints + 2) * (_state_bytes(config) + 2**18)
+    with (
+        _StopSignals() as stop,
+        open_run_dir(
+            run_dir_for(config), resume=resume, overwrite=overwrite, needed_bytes=needed
+        ) as run,
+    ):
+        resuming = resume and run.existed
+        if resuming:
+            _check_resumable(run, config)
+        elif resume:
             log(f"no run in {run.path} to resume; starting a new one")
-        _write(run.path / "config.yaml", dump_config(config))
-        _write(
-            run.path / "metrics.jsonl",
-            "".join(json.dumps(r, allow_nan=False) + "\n" for r in progress.records),
+        optimizer = make_optimizer(
+            config.optim, d_model=config.model.d_model, total_steps=updates(config)
         )
-        loop = _Loop(config, run, ckpts, stop, spec, progress, optimizer, graphdef)
-        if loop.done:
-            log(f"{run.path} finished at step {progress.step} already; nothing to train")
-        loop.run(params, opt_state, start)
-        return loop.finish(start, resumed_from, log)
+        graphdef, params, opt_state = init_state(config, optimizer)
+        with Checkpoints(run.checkpoints, keep=config.train.keep_checkpoints) as ckpts:
+            session = _Session(config, run, ckpts, stop, start)
+            if resuming and ckpts.latest_step() is not None:
+                params, opt_state = session.restore(params, opt_state)
+            if session.done:  # a resumed run that had finished: leave it as it is
+                log(f"{run.path} finished at step {session.progress.step} already")
+                return session.result()
+            _write(run.path / "config.yaml", dump_config(config))
+            _write(run.path / "metrics.jsonl", session.metrics_text())
+            session.train(params, opt_state, graphdef, optimizer)
+            return session.finish(log)
 
 
-def _write(path: Path, text: str) -> None:
+def _check_resumable(run: RunDir, config: Config) -> None:
+    """Refuse to resume with another config than the run's config.yaml (absent when a run
+    was killed before writing it, and then it has no checkpoint either)."""
+    path = run.path / "config.yaml"
+    if not path.exists():
+        return
     try:
-        atomic_write_text(path, text)
-    except OSError as err:
-        raise RunError(f"cannot write {path}: {describe_os_error(err)}") from None
+        stored = load_config(path)
+    except ConfigError as err:
+        raise RunError(f"{path}: {err}") from None
+    difference = _config_difference(to_dict(stored), config)
+    if difference:
+        raise RunError(
+            f"cannot resume {run.path}: {difference}; resume with the run's config (see "
+            "its config.yaml) or pass --overwrite to start again"
+        )
 
 
-class _Loop:
-    """One session of training: chunks, evaluations, checkpoints, until done or stopped."""
+class _Session:
+    """One session of a run: restore, chunks, evaluations, checkpoints, until done or
+    stopped."""
 
-    def __init__(self, config, run, ckpts, stop, spec, progress, optimizer, graphdef):
+    def __init__(self, config: Config, run: RunDir, ckpts: Checkpoints, stop, start: float):
         self.config, self.run_dir, self.ckpts, self.stop = config, run.path, ckpts, stop
-        self.spec, self.p = spec, progress
-        self.chunk_fn = make_train_chunk(config, graphdef, optimizer)
-        self.evaluate = make_eval_fn(config, graphdef)
-        self.saved_step: int | None = ckpts.latest_step()
+        self.start = start  # this session's clock
+        self.spec = model_spec(config)
+        self.progress = _Progress()
+        self.resumed_from: int | None = None
+        self.saved_step: int | None = None
         self.steady_steps, self.steady_seconds = 0, 0.0
 
-    # A finished run: the target reached, or every step taken.
     @property
     def done(self) -> bool:
-        return self.p.reached or self.p.step >= self.config.train.steps
+        """The target reached, or every step taken."""
+        return self.progress.reached or self.progress.step >= self.config.train.steps
 
-    def run(self, params, opt_state, start):
-        tc, p = self.config.train, self.p
-        size = _chunk_size(tc)
-        every = _checkpoint_every(tc)
+    def metrics_text(self) -> str:
+        return "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.progress.records)
+
+    def restore(self, params, opt_state):
+        """Continue from the latest checkpoint: its arrays and the loop's progress."""
+        latest = self.ckpts.latest_step()
+        config_path = self.run_dir / "config.yaml"
+        pure, opt_state, meta = self.ckpts.restore(
+            latest,
+            nnx.to_pure_dict(params),
+            opt_state,
+            spec=self.spec,
+            spec_source=config_path,
+            needs=("config", "progress"),
+        )
+        nnx.replace_by_pure_dict(params, pure)
+        difference = _config_difference(meta["config"], self.config)
+        if difference:  # config.yaml was edited since the checkpoint was saved
+            raise RunError(f"{config_path} differs from checkpoint {latest}: {difference}")
+        try:
+            self.progress = _Progress(**meta["progress"])
+        except TypeError:
+            raise RunError(
+                f"{self.ckpts.step_dir(latest) / 'meta'}: its 'progress' is not this "
+                "jaxattn's (edited metadata)"
+            ) from None
+        self.resumed_from = self.saved_step = latest
+        return params, opt_state
+
+    def train(self, params, opt_state, graphdef, optimizer) -> None:
+        tc, progress = self.config.train, self.progress
+        chunk_fn = make_train_chunk(self.config, graphdef, optimizer)
+        evaluate = make_eval_fn(self.config, graphdef)
+        size, every = chunk_size(tc), checkpoint_every(tc)
         base_key = tasks.seed_key(tc.seed)
         bar = tqdm(
             total=tc.steps,
-            initial=p.step,
+            initial=progress.step,
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
-            disable=not tc.progress or self.done,
+            disable=not tc.progress,
         )
-        self.session_start = start
-        compiled = False
+        compiled = False  # the session's first chunk includes compilation
         try:
             metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         except OSError as err:
-            raise RunError(
-                f"cannot write {self.run_dir / 'metrics.jsonl'}: {describe_os_error(err)}"
-            ) from None
-        try:
+            raise RunError.writing(self.run_dir / "metrics.jsonl", err) from None
+        with bar, metrics_file:
             while not self.done and self.stop.signum is None:
-                first = p.step
+                first = progress.step
                 n = min(size, tc.steps - first)
                 t0 = time.perf_counter()
-                params, opt_state, m = self.chunk_fn(params, opt_state, base_key, first, n)
+                params, opt_state, m = chunk_fn(params, opt_state, base_key, first, n)
                 m = jax.device_get(m)
                 seconds = time.perf_counter() - t0
-                self._check_finite(m, first)
-                if compiled:  # the session's first chunk includes compilation
+                if compiled:
                     self.steady_steps += n
                     self.steady_seconds += seconds
                 compiled = True
-                for k in ("loss", "accuracy", "skipped"):
-                    p.pending[k].extend(m[k].tolist())
-                p.step = first + n
+                self._check_finite(m, first)
+                for k in _PER_STEP:
+                    progress.pending[k].extend(m[k].tolist())
+                progress.step = first + n
                 postfix = {
                     "loss": f"{m['loss'][-1]:.3f}",
                     "acc": f"{m['accuracy'][-1]:.3f}",
                     "lr": f"{m['lr'][-1]:.2e}",
                     "steps/s": f"{n / seconds:.0f}",
                 }
-                evaluated = None
-                if p.step % tc.eval_every == 0 or p.step == tc.steps:
-                    evaluated = self._evaluate(params, m, metrics_file)
-                    postfix["exact"] = f"{p.last_eval['exact_match']:.3f}"
-                if self.done or (every and p.step % every == 0):
-                    self._save(params, opt_state, evaluated)
+                best_metrics = None  # what ranks this step's checkpoint, when evaluated
+                if progress.step % tc.eval_every == 0 or progress.step == tc.steps:
+                    best_metrics = self._evaluate(evaluate(params), m, metrics_file)
+                    postfix["exact"] = f"{progress.last_eval['exact_match']:.3f}"
+                if self.done or (every and progress.step % every == 0):
+                    self._save(params, opt_state, best_metrics)
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(n)
-        finally:
-            bar.close()
-            metrics_file.close()
         if self.stop.signum is not None and not self.done:
-            saved = p.step > 0
-            if saved and self.saved_step != p.step:
+            if progress.step > 0 and self.saved_step != progress.step:
                 self._save(params, opt_state, None)
-            raise TrainingInterrupted(self.stop.signum, p.step, self.run_dir, saved)
-        return params, opt_state
+            raise TrainingInterrupted(
+                self.stop.signum, progress.step, self.run_dir, saved=progress.step > 0
+            )
 
     def _check_finite(self, m, first: int) -> None:
+        """With ``on_nonfinite=stop``: raise at the first step whose loss or gradients were
+        not finite. Its update and those after it in the chunk are never saved."""
         if self.config.train.on_nonfinite == "skip":
             return
-        bad = np.flatnonzero(~np.isfinite(m["loss"]))
+        bad = np.flatnonzero(m["nonfinite"])
         if bad.size:
-            step = first + int(bad[0]) + 1
             kept = (
                 f"the last good checkpoint is step {self.saved_step} in {self.ckpts.directory}"
                 if self.saved_step is not None
                 else "no checkpoint was saved before it"
             )
             raise RunError(
-                f"train loss is {m['loss'][bad[0]]} at step {step}; stopped without saving it; "
-                f"{kept} (lower optim.learning_rate, or set train.on_nonfinite=skip)"
+                f"train loss is {m['loss'][bad[0]]} (or a gradient is not finite) at step "
+                f"{first + int(bad[0]) + 1}; stopped without saving it; {kept} (lower "
+                "optim.learning_rate, or set train.on_nonfinite=skip)"
             )
 
-    def _evaluate(self, params, m, metrics_file) -> dict:
-        p = self.p
-        evaluation = jax.device_get(self.evaluate(params))
+    def _evaluate(self, evaluation, m, metrics_file) -> dict:
+        """Record one held-out evaluation; returns the metrics that rank its checkpoint."""
+        progress = self.progress
+        evaluation = jax.device_get(evaluation)
         evaluation.pop("correct")
-        p.last_eval = {k: float(v) for k, v in evaluation.items()}
-        skipped = np.asarray(p.pending["skipped"], bool)
-        kept = ~skipped
+        progress.last_eval = {k: float(v) for k, v in evaluation.items()}
+        skipped = np.asarray(progress.pending["nonfinite"], bool)
 
-        def mean(key):
-            values = np.asarray(p.pending[key], np.float64)[kept]
+        def mean(key):  # over the steps since the last evaluation, whatever the chunking
+            values = np.asarray(progress.pending[key], np.float64)[~skipped]
             return _finite_or_none(float(values.mean())) if values.size else None
 
         record = {
-            "step": p.step,
+            "step": progress.step,
             "train_loss": mean("loss"),
             "train_accuracy": mean("accuracy"),
             "lr": float(m["lr"][-1]),
-            **{k: _finite_or_none(v) for k, v in p.last_eval.items()},
+            **{k: _finite_or_none(v) for k, v in progress.last_eval.items()},
         }
         if self.config.train.on_nonfinite == "skip":
             record["skipped_steps"] = int(skipped.sum())
-        p.records.append(record)
-        p.pending = {"loss": [], "accuracy": [], "skipped": []}
-        p.reached = p.last_eval["exact_match"] >= self.config.train.target_exact_match
+        progress.records.append(record)
+        progress.pending = _no_pending()
+        progress.reached = progress.last_eval["exact_match"] >= self.config.train.target_exact_match
         try:
             metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
             metrics_file.flush()
         except OSError as err:
-            raise RunError(
-                f"cannot write {self.run_dir / 'metrics.jsonl'}: {describe_os_error(err)}"
-            ) from None
-        return {"exact_match": p.last_eval["exact_match"], "eval_loss": p.last_eval["eval_loss"]}
+            raise RunError.writing(self.run_dir / "metrics.jsonl", err) from None
+        ranking = {k: progress.last_eval[k] for k in ("exact_match", "eval_loss")}
+        return ranking if all(map(math.isfinite, ranking.values())) else None
 
-    def _save(self, params, opt_state, evaluated: dict | None) -> None:
-        p = self.p
-        elapsed = p.seconds + time.perf_counter() - self.session_start
+    def _save(self, params, opt_state, best_metrics: dict | None) -> None:
+        progress = self.progress
         meta = {
-            "step": p.step,
+            "step": progress.step,
             "config": to_dict(self.config),
             "model_spec": self.spec,
             "fingerprint": spec_fingerprint(self.spec),
-            "progress": {**p.to_json(), "seconds": elapsed},
+            "progress": {**dataclasses.asdict(progress), "seconds": self._seconds()},
         }
-        metrics = evaluated if evaluated and all(map(math.isfinite, evaluated.values())) else None
-        self.ckpts.save(p.step, nnx.to_pure_dict(params), opt_state, meta, metrics)
-        self.saved_step = p.step
+        self.ckpts.save(progress.step, nnx.to_pure_dict(params), opt_state, meta, best_metrics)
+        self.saved_step = progress.step
 
-    def finish(self, start, resumed_from, log) -> TrainResult:
-        tc, p = self.config.train, self.p
-        seconds = p.seconds + time.perf_counter() - start
+    def _seconds(self) -> float:
+        """Wall time of the run so far, earlier sessions included."""
+        return self.progress.seconds + time.perf_counter() - self.start
+
+    def result(self) -> TrainResult:
+        """The result of a run that had finished before this session (nothing rewritten)."""
+        p = self.progress
+        return TrainResult(
+            self.run_dir, p.step, p.last_eval, p.reached, p.seconds, self.resumed_from
+        )
+
+    def finish(self, log) -> TrainResult:
+        tc, p = self.config.train, self.progress
+        seconds = self._seconds()
         summary = {
             "steps": p.step,
             "reached_target": p.reached,
@@ -407,15 +425,14 @@ class _Loop:
                 self.steady_steps / self.steady_seconds if self.steady_seconds else None
             ),
             "best_checkpoint": self.ckpts.best_step(),
-            "resumed_from": resumed_from,
+            "resumed_from": self.resumed_from,
             **{k: _finite_or_none(v) for k, v in p.last_eval.items()},
         }
-        text = json.dumps(summary, indent=2, allow_nan=False)
-        _write(self.run_dir / "summary.json", text + "\n")
+        _write(self.run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
         log(
             f"{'reached' if p.reached else 'did not reach'} exact-match target "
             f"{tc.target_exact_match:.3f}: {p.last_eval.get('exact_match', float('nan')):.4f} "
             f"on {self.config.task.eval_size} held-out sequences after {p.step} steps, "
             f"{seconds:.1f} s"
         )
-        return TrainResult(self.run_dir, p.step, p.last_eval, p.reached, seconds, resumed_from)
+        return TrainResult(self.run_dir, p.step, p.last_eval, p.reached, seconds, self.resumed_from)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +28,18 @@ try:  # advisory locks; absent on Windows, where two runs into one directory are
 except ImportError:  # pragma: no cover - depends on the platform
     fcntl = None
 
-__all__ = ["MARK", "OWNED", "RunDir", "RunError", "atomic_write_text", "open_run_dir"]
+__all__ = [
+    "MARK",
+    "OWNED",
+    "RunDir",
+    "RunError",
+    "atomic_write_text",
+    "check_free_space",
+    "check_writable",
+    "describe_os_error",
+    "is_run_dir",
+    "open_run_dir",
+]
 
 MARK = ".jaxattn-run"  # the file that says "this directory is a jaxattn run"
 CHECKPOINTS = "checkpoints"
@@ -50,6 +62,11 @@ class RunError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+    @classmethod
+    def writing(cls, path, err: OSError) -> RunError:
+        """``cannot write <path>: <the operating system's reason>``."""
+        return cls(f"cannot write {path}: {describe_os_error(err)}")
 
 
 def describe_os_error(err: OSError) -> str:
@@ -130,9 +147,27 @@ def _refusal(path: Path) -> str | None:
     return None
 
 
+def _create_mark(path: Path) -> None:
+    """Create the mark with O_EXCL: of two processes starting a run in the same new
+    directory, exactly one gets it (the other is refused). It is never rewritten, so the
+    lock taken on it is on one file for the life of the run."""
+    try:
+        fd = os.open(path / MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise RunError(
+            f"{path} was made a run by another process just now; choose another "
+            "train.run_dir, or --resume it once that process is done"
+        ) from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"jaxattn_run": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _lock(path: Path):
     """Open the mark file and take an exclusive, non-blocking lock on it."""
-    f = open(path / MARK, "a+", encoding="utf-8")
+    f = open(path / MARK, "a+", encoding="utf-8")  # kept open: the lock lives with it
     if fcntl is not None:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -143,6 +178,26 @@ def _lock(path: Path):
                 "choose another train.run_dir"
             ) from None
     return f
+
+
+def _leftover(name: str) -> bool:
+    """Whether ``name`` is work in progress of ours that a kill left behind: a temporary
+    ``.<owned>.tmp-<pid>`` (``atomic_write_text``; viz's ``.<stem>.tmp-<pid>.png``), a
+    ``.<owned>.deleting-<pid>`` (``--overwrite``) or a ``.write-test-<pid>`` probe. Only
+    these exact shapes: a hidden file of the user's never matches by accident."""
+    stems = "|".join(re.escape(n) for n in (*OWNED, *(n[:-4] for n in OWNED if n.endswith(".png"))))
+    return bool(
+        re.fullmatch(rf"\.(?:{stems})\.(?:tmp|deleting)-\d+(?:\.png)?|\.write-test-\d+", name)
+    )
+
+
+def _remove_leftovers(path: Path) -> None:
+    for p in path.iterdir():
+        if _leftover(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 def open_run_dir(
@@ -162,7 +217,7 @@ def open_run_dir(
     """
     if resume and overwrite:
         raise RunError("resume and overwrite exclude each other; pass one of them")
-    path = Path(os.path.expanduser(str(path)))
+    path = Path(path)
     reason = _refusal(path)
     if reason:
         raise RunError(reason)
@@ -173,13 +228,15 @@ def open_run_dir(
             "replace it (Python: resume=True or overwrite=True)"
         )
     created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    marked = False
     lock_file = None
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not existed:
-            mark = {"jaxattn_run": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            atomic_write_text(path / MARK, json.dumps(mark) + "\n")
+            _create_mark(path)
+            marked = True
         lock_file = _lock(path)
+        _remove_leftovers(path)
         check_writable(path)
         check_free_space(path, needed_bytes)
         if existed and overwrite:
@@ -187,7 +244,7 @@ def open_run_dir(
     except BaseException as err:
         if lock_file is not None:
             lock_file.close()
-        if not existed:  # undo this call: the mark, then the directories it made
+        if marked:  # undo this call: its mark, then the directories it made
             with contextlib.suppress(OSError):
                 (path / MARK).unlink()
             for p in created:
@@ -202,11 +259,15 @@ def open_run_dir(
 
 
 def _remove_owned(path: Path) -> None:
-    """Delete what a run writes into ``path`` (``OWNED``), never following a symlink."""
+    """Delete what a run writes into ``path`` (``OWNED``), never following a symlink. A
+    directory is renamed to a hidden name first, so a kill in the middle of deleting it
+    leaves a leftover that the next open removes, not a half-deleted checkpoint."""
     for name in OWNED:
         target = path / name
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
+            doomed = path / f".{name}.deleting-{os.getpid()}"
+            target.rename(doomed)
+            shutil.rmtree(doomed)
         elif target.exists() or target.is_symlink():
             target.unlink()
 

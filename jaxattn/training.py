@@ -50,11 +50,12 @@ def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransfor
     Runs ``n`` (static) steps in a ``lax.scan``; step ``i`` draws its batch and dropout keys
     from ``fold_in(base_key, i)``, so a run is reproducible from its seed whatever the chunk
     size. ``params`` and ``opt_state`` are donated. Metrics are per-step arrays ``[n]``:
-    ``loss``, ``accuracy``, ``lr`` and ``skipped`` (bool).
+    ``loss``, ``accuracy``, ``lr`` and ``nonfinite`` (bool: the loss or a gradient is not
+    finite).
 
-    With ``train.on_nonfinite=skip`` a step whose loss or gradients are not finite leaves
-    the parameters and optimizer state as they were (``skipped`` is True); with ``stop``
-    the update is applied and the caller stops at the first non-finite loss.
+    With ``train.on_nonfinite=skip`` such a step leaves the parameters and optimizer state
+    as they were; with ``stop`` its update is applied and the caller stops there, never
+    saving that state.
     """
     task, smoothing = config.task, config.optim.label_smoothing
     schedule = make_schedule(
@@ -75,9 +76,8 @@ def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransfor
             )
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
-            finite = jnp.isfinite(loss)
+            finite = jnp.isfinite(loss) & _all_finite(grads)
             if skip_nonfinite:
-                finite &= _all_finite(grads)
                 # Keep the old state: the same buffers, so no copy when the step is kept.
                 new_params, new_opt_state = jax.tree.map(
                     lambda new, old: jnp.where(finite, new, old),
@@ -85,7 +85,7 @@ def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransfor
                     (params, opt_state),
                 )
             lr = schedule(step // accumulate)
-            metrics = {"loss": loss, "accuracy": acc, "lr": lr, "skipped": ~finite}
+            metrics = {"loss": loss, "accuracy": acc, "lr": lr, "nonfinite": ~finite}
             return (new_params, new_opt_state), metrics
 
         steps = start_step + jnp.arange(n)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxattn.rundir import RunError, describe_os_error
+
 
 def _pyplot():
     try:
@@ -76,8 +78,6 @@ def read_metrics(metrics_jsonl) -> list[dict]:
 
     Raises RunError (one line naming the file, the line and the key).
     """
-    from jaxattn.rundir import RunError, describe_os_error
-
     path = Path(metrics_jsonl)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -96,9 +96,9 @@ def read_metrics(metrics_jsonl) -> list[dict]:
         if not isinstance(record, dict):
             raise RunError(f"{path}, line {number}: not a JSON object")
         for key in _CURVE_KEYS:
-            value = record.get(key, "missing")
-            if value == "missing":
+            if key not in record:
                 raise RunError(f"{path}, line {number}: no key {key!r}")
+            value = record[key]
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, float))
             ):
@@ -138,8 +138,6 @@ def plot_training_curves(records, path) -> Path:
 
 def _save(fig, path) -> Path:
     """Save a figure whole or not at all: a temporary PNG beside ``path``, then a rename."""
-    from jaxattn.rundir import RunError, describe_os_error
-
     plt = _pyplot()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
@@ -149,7 +147,7 @@ def _save(fig, path) -> Path:
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise RunError(f"cannot write {path}: {describe_os_error(err)}") from None
+        raise RunError.writing(path, err) from None
     finally:
         plt.close(fig)
     return path
@@ -170,19 +168,18 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
     """
     from jaxattn import tasks
     from jaxattn.checkpoints import load_run
-    from jaxattn.rundir import RunError, describe_os_error
 
     run_dir = Path(run_dir).expanduser()
     out_dir = run_dir if out_dir is None else Path(out_dir).expanduser()
     model, config = load_run(run_dir, step=step)
     records = read_metrics(run_dir / "metrics.jsonl")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunError(f"cannot write {out_dir}: {describe_os_error(err)}") from None
     batch = tasks.eval_batch(config.task)
     if not 0 <= example < batch.inputs.shape[0]:
         raise ValueError(f"example must be in [0, {batch.inputs.shape[0]}), got {example}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError.writing(out_dir, err) from None
     tokens = batch.inputs[example : example + 1]
     _, weights = model(tokens, return_attention=True)  # [L, 1, N, T, T]
     title = f"{config.name}: {config.task.name}, held-out sequence {example}"
@@ -206,12 +203,13 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     step = int(args.step) if args.step.isdigit() else args.step
-    from jaxattn.rundir import RunError
+    from jaxattn._orbax_errors import silence_for_exit
 
     try:
         paths = draw_run(args.run_dir, example=args.example, out_dir=args.out, step=step)
     except (RunError, ValueError, ImportError) as err:
         print(f"jaxattn.viz: {err}", file=sys.stderr)
+        silence_for_exit()
         return 2
     for path in paths:
         print(path)

@@ -14,9 +14,9 @@ from jaxattn.config import (
     ConfigError,
     ModelConfig,
     TaskConfig,
+    dump_config,
     load_config,
     run_dir_for,
-    save_config,
     to_dict,
 )
 
@@ -151,7 +151,7 @@ def test_save_load_round_trip(tmp_path, overrides):
     config = load_config(TINY, overrides)
     path = tmp_path / "saved" / "config.yaml"
     path.parent.mkdir()
-    save_config(config, path)
+    path.write_text(dump_config(config))
     assert load_config(path) == config
     assert list(yaml.safe_load(path.read_text())) == ["name", "model", "task", "optim", "train"]
 
@@ -439,12 +439,22 @@ def test_checkpoint_and_nonfinite_keys_accepted():
         3,
         "stop",
     )
-    for value, expected in (("null", None), ("0", 0), ("25", 25)):
+    for value, expected in (("null", None), ("0", 0), ("150", 150)):
         assert load_config(TINY, [f"train.checkpoint_every={value}"]).train.checkpoint_every == (
             expected
         )
     assert load_config(TINY, ["train.keep_checkpoints=1"]).train.keep_checkpoints == 1
     assert load_config(TINY, ["train.on_nonfinite=skip"]).train.on_nonfinite == "skip"
+
+
+def test_checkpoint_every_must_fall_between_fused_calls():
+    """A checkpoint at step 25 with 50 steps fused per call would cut every call to 25
+    steps (slower, and another compile): refused, naming the chunk."""
+    message = error(TINY, ["train.checkpoint_every=25"])
+    assert message.startswith("train.checkpoint_every must be a multiple of 50")
+    assert "train.steps_per_call=50" in message and "got 25" in message
+    config = load_config(TINY, ["train.checkpoint_every=25", "train.steps_per_call=25"])
+    assert config.train.checkpoint_every == 25
 
 
 def test_run_dir_tilde_is_expanded(monkeypatch, tmp_path):

@@ -388,7 +388,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_only_finite_checkpoints(
     assert "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
     match = re.fullmatch(
-        r"train\.py: train loss is (nan|inf|-inf) at step (\d+); stopped without saving it; "
+        r"train\.py: train loss is (nan|inf|-inf) \(or a gradient is not finite\) at step "
+        r"(\d+); stopped without saving it; "
         r"the last good checkpoint is step (\d+) in (\S+) \(.*train\.on_nonfinite=skip\)",
         line,
     )
