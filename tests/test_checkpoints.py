@@ -490,3 +490,52 @@ def test_a_real_full_disk_during_a_save_is_one_line_keeping_the_earlier_one(smal
     assert len(lines) == 1, f"{len(lines)} lines on stderr: {proc.stderr[:3000]}"
     assert lines[0].startswith("train.py: ")
     assert "No space left on device" in lines[0] and "step 20" in lines[0]
+
+
+def _truncate_step_metrics(ck):
+    truncate(ck / "30" / "metrics" / "metrics")
+
+
+def _drop_meta_key(key):
+    def damage(ck):
+        path = ck / "30" / "meta" / "metadata"
+        meta = json.loads(path.read_text())
+        del meta[key]
+        path.write_text(json.dumps(meta))
+
+    damage.__name__ = f"_drop_meta_{key}"
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (_truncate_step_metrics, "checkpoints/30/metrics/metrics"),
+        (_drop_meta_key("arrays"), "no key 'arrays.params'"),
+        (_drop_meta_key("model_spec"), "no key 'model_spec'"),
+    ],
+    ids=lambda x: getattr(x, "__name__", None),
+)
+def test_corrupt_step_metrics_or_incomplete_meta_is_one_line(run_copy, damage, named):
+    """Orbax reads every step's metrics when it opens the directory: a truncated one was a
+    JSONDecodeError naming no file. Meta without a key was a KeyError."""
+    damage(run_copy / "checkpoints")
+    with pytest.raises(RunError) as info:
+        load_run(run_copy, step="latest")
+    assert named in one_line(info.value)
+
+
+def test_failed_restores_leave_the_process_hooks_as_they_were(run_copy):
+    """Orbax's leftover threads are silenced only while the failed call settles: a user's
+    process keeps its own hooks and log levels afterwards."""
+    import logging
+    import sys
+    import threading
+
+    before = (sys.unraisablehook, threading.excepthook, logging.getLogger("absl").filters[:])
+    for path in data_files(run_copy / "checkpoints" / "30" / "params"):
+        truncate(path)
+    with pytest.raises(RunError):
+        load_run(run_copy, step="latest")
+    after = (sys.unraisablehook, threading.excepthook, logging.getLogger("absl").filters[:])
+    assert after == before

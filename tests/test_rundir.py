@@ -549,3 +549,33 @@ def test_train_py_resume_of_a_finished_run_trains_nothing_more(finished_run, tmp
     assert json.loads(files["summary.json"])["steps"] == 4
     assert checkpoint_steps(run) == steps
     assert outside(tmp_path, run) == before
+
+
+def test_of_two_starts_on_one_new_directory_only_one_wins(tmp_path, monkeypatch):
+    """Both saw an empty directory; the mark is created with O_EXCL, so the second is
+    refused and does not take away the first one's mark (or lock a file of its own)."""
+    run = tmp_path / "run"
+    with open_run_dir(run):
+        mark = (run / MARK).read_bytes()
+        monkeypatch.setattr(rundir, "is_run_dir", lambda path: False)  # it looked too early
+        with pytest.raises(RunError) as info:
+            rundir.open_run_dir(run)
+        assert "another process just now" in one_line(info.value)
+        assert (run / MARK).read_bytes() == mark
+    monkeypatch.undo()
+    with open_run_dir(run, resume=True) as opened:  # the winner's run is a run
+        assert opened.existed
+
+
+def test_leftovers_of_a_kill_are_removed_on_open_and_nothing_of_the_users(tmp_path):
+    run = fake_run(tmp_path / "run", extra={".notes.tmp-draft": "mine\n", "notes.txt": "mine\n"})
+    (run / ".checkpoints.deleting-4242" / "7").mkdir(parents=True)  # --overwrite killed
+    (run / ".config.yaml.tmp-4242").write_text("half")  # atomic_write_text killed
+    (run / ".curves.tmp-4242.png").write_bytes(b"\x89PNG")  # viz killed
+    (run / ".write-test-4242").write_bytes(b"\0")  # the probe killed
+    with open_run_dir(run, resume=True):
+        pass
+    hidden = sorted(p.name for p in run.iterdir() if p.name.startswith("."))
+    assert hidden == [".jaxattn-run", ".notes.tmp-draft"]
+    assert (run / "notes.txt").read_text() == "mine\n"
+    assert (run / "config.yaml").read_text() == "old config.yaml\n"  # resume keeps the run
