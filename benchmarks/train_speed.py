@@ -9,9 +9,10 @@ Each run is ``python train.py --config configs/<name>.yaml`` in a fresh process 
 temporary run directory; wall seconds are measured around the process. Steps/s is steps
 per second of training after the first (compiling) chunk, evaluations excluded.
 
-``--checkpoint-cost`` runs tiny.yaml with a checkpoint at every evaluation (the default)
-and with ``train.checkpoint_every=0`` (one checkpoint, at the end), alternating the two so
-that the machine's drift falls on both alike, and reports the medians and their ratio.
+``--checkpoint-cost`` runs tiny.yaml with a checkpoint at every evaluation (the default),
+with ``train.checkpoint_every=0`` (one checkpoint, at the end) and with every save skipped
+(a baseline only a benchmark can have), alternating them so that the machine's drift falls
+on all alike, and reports the medians and their ratios.
 """
 
 from __future__ import annotations
@@ -31,13 +32,23 @@ from common import machine
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_once(config: str, *overrides: str) -> dict:
+# train.py with every checkpoint save skipped: the baseline "no checkpoints" (the trainer
+# itself always keeps at least the last one).
+_NO_SAVES = (
+    "import runpy, sys; import jaxattn.checkpoints as c; "
+    "c.Checkpoints.save = lambda *args, **kwargs: None; "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def run_once(config: str, *overrides: str, saves: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         start = time.perf_counter()
         proc = subprocess.run(
             [
                 sys.executable,
+                *(() if saves else ("-c", _NO_SAVES)),
                 str(ROOT / "train.py"),
                 "--config",
                 str(ROOT / "configs" / f"{config}.yaml"),
@@ -66,12 +77,17 @@ def run_once(config: str, *overrides: str) -> dict:
 
 def checkpoint_cost(runs: int) -> None:
     """Whole-process time of tiny.yaml: checkpoints at every evaluation vs only at the end."""
-    modes = {"every evaluation": (), "end only": ("train.checkpoint_every=0",)}
+    modes = {
+        "every evaluation": ((), True),
+        "end only": (("train.checkpoint_every=0",), True),
+        "none (saves skipped)": ((), False),
+    }
     results: dict = {mode: [] for mode in modes}
     for i in range(runs):
         order = list(modes) if i % 2 == 0 else list(modes)[::-1]
         for mode in order:
-            results[mode].append(run_once("tiny", *modes[mode]))
+            overrides, saves = modes[mode]
+            results[mode].append(run_once("tiny", *overrides, saves=saves))
     print("| checkpoints | runs | saves | wall s (median) | wall s (all) | steps | exact |")
     print("|---|---|---|---|---|---|---|")
     for mode, rs in results.items():
@@ -81,8 +97,10 @@ def checkpoint_cost(runs: int) -> None:
             f"{statistics.median(r['wall_s'] for r in rs):.2f} | {walls} | {rs[0]['steps']} | "
             f"{min(r['exact_match'] for r in rs):.4f} |"
         )
-    every, end = (statistics.median(r["wall_s"] for r in results[m]) for m in modes)
-    print(f"\nevery evaluation / end only: {every / end:.3f} ({100 * (every / end - 1):+.1f}%)")
+    every, end, none = (statistics.median(r["wall_s"] for r in results[m]) for m in modes)
+    print()
+    for name, base in (("end only", end), ("none", none)):
+        print(f"every evaluation / {name}: {every / base:.3f} ({100 * (every / base - 1):+.1f}%)")
 
 
 def main(argv=None) -> None:

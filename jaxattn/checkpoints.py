@@ -100,6 +100,8 @@ class Checkpoints:
 
         self._ocp = ocp
         self.directory = Path(directory).absolute()
+        self._pending: int | None = None  # the step an asynchronous save is still writing
+        self._silence = contextlib.ExitStack()  # Orbax's threads, while a save is pending
         if self.directory.exists() and not self.directory.is_dir():
             raise RunError(f"{self.directory} is not a directory of checkpoints")
         if read_only and not self.directory.is_dir():
@@ -121,7 +123,9 @@ class Checkpoints:
                     ]
                 ),
                 best_fn=_quality,  # makes Orbax store the metrics with each step (and best_step)
-                enable_async_checkpointing=False,  # a save has returned => the step is on disk
+                # A save returns once the arrays are copied; Orbax writes and finalizes the
+                # step in the background while training goes on (wait() joins it).
+                enable_async_checkpointing=not read_only,
                 cleanup_tmp_directories=False,  # done here, synchronously (_remove_temporaries)
                 create=not read_only,
                 read_only=read_only,
@@ -139,13 +143,21 @@ class Checkpoints:
             absl.setLevel(level)
 
     def close(self) -> None:
-        self._manager.close()
+        """Wait for a pending save (RunError if it failed), then close the manager."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:  # already failing: let a pending save finish if it can, and report that error
+            with contextlib.suppress(Exception):
+                self.close()
 
     # ---------------------------------------------------------------------------- listing
 
@@ -165,11 +177,15 @@ class Checkpoints:
     # ----------------------------------------------------------------------------- saving
 
     def save(self, step: int, params, opt_state, meta: dict, metrics: dict | None) -> None:
-        """Save one step; ``meta`` gets the arrays' digests. Returns once it is on disk.
+        """Start saving one step; ``meta`` gets the arrays' digests. The arrays are copied
+        before it returns, so the caller may donate them; Orbax writes the step in the
+        background and :meth:`wait` (or the next save, or closing) waits for it.
 
-        On failure (a full disk, a vanished directory) the step's temporary directory is
-        removed, the earlier steps stay, and a RunError names the step and the reason.
+        On failure (a full disk, a vanished directory), now or in the background, the step's
+        temporary directory is removed, the earlier steps stay, and a RunError names the
+        step and the reason.
         """
+        self.wait()
         ocp = self._ocp
         meta = {
             "format": FORMAT,
@@ -185,16 +201,37 @@ class Checkpoints:
             meta=ocp.args.JsonSave(meta),
         )
         self._check_room(step)
+        self._silence.enter_context(errors.quiet())
         try:
-            with errors.quiet():
-                self._manager.save(step, args=args, metrics=metrics, force=True)
-                self._manager.wait_until_finished()
+            self._manager.save(step, args=args, metrics=metrics, force=True)
         except Exception as err:  # Orbax and TensorStore wrap OSErrors in their own types
-            self._remove_temporaries(settle=True)
-            raise RunError(
-                f"cannot save the checkpoint of step {step} in {self.directory}: "
-                f"{errors.reason(err)}; checkpoints kept: {self._kept()}"
-            ) from err
+            self._failed(step, err)
+        self._pending = step
+
+    def poll(self) -> None:
+        """If the pending save has ended, settle it (:meth:`wait` without waiting): its
+        failure is raised at the next chunk boundary, and Orbax's threads are heard again."""
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        """Return once the pending save (if any) is complete on disk; RunError if it failed."""
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            self._failed(step, err)
+        self._silence.close()
+
+    def _failed(self, step: int, err: Exception):
+        self._silence.__exit__(type(err), err, err.__traceback__)  # let the leftovers settle
+        self._remove_temporaries(settle=True)
+        raise RunError(
+            f"cannot save the checkpoint of step {step} in {self.directory}: "
+            f"{errors.reason(err)}; checkpoints kept: {self._kept()}"
+        ) from err
 
     def _kept(self) -> str:
         with contextlib.suppress(Exception):  # a listing for a message, after a failure

@@ -316,6 +316,7 @@ class _Session:
                     self.steady_steps += n
                     self.steady_seconds += seconds
                 compiled = True
+                self.ckpts.poll()  # a background save that failed stops the run here
                 self._check_finite(m, first)
                 for k in _PER_STEP:
                     progress.pending[k].extend(m[k].tolist())
@@ -337,6 +338,7 @@ class _Session:
         if self.stop.signum is not None and not self.done:
             if progress.step > 0 and self.saved_step != progress.step:
                 self._save(params, opt_state, None)
+            self.ckpts.wait()  # on disk before we say so
             raise TrainingInterrupted(
                 self.stop.signum, progress.step, self.run_dir, saved=progress.step > 0
             )
@@ -415,6 +417,7 @@ class _Session:
         )
 
     def finish(self, log) -> TrainResult:
+        self.ckpts.wait()  # the last checkpoint on disk before the summary names it
         tc, p = self.config.train, self.progress
         seconds = self._seconds()
         summary = {
