@@ -13,7 +13,6 @@ that is not a run is never written to. Every failure is one line on stderr:
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import signal
 import sys
@@ -27,8 +26,10 @@ def _resume_command(argv: list[str]) -> str:
 
 
 def main(argv=None) -> int:
+    from jaxattn._cli import OneLineParser
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         allow_abbrev=False,  # "--over" would survive into the printed resume command
         description="Train a TinyDecoder on a synthetic sequence task.",
         epilog="example: python train.py --config configs/tiny.yaml train.steps=500",
@@ -66,10 +67,10 @@ def main(argv=None) -> int:
         except TrainingInterrupted as stop:
             print(f"train.py: {stop}; resume with: {_resume_command(argv)}", file=sys.stderr)
             return 128 + stop.signum
+        print(f"run directory: {result.run_dir}")
     except KeyboardInterrupt:  # outside training's handlers: before it, or once it is done
         print("train.py: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    print(f"run directory: {result.run_dir}")
     return 0
 
 

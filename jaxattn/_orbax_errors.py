@@ -19,6 +19,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 # Reasons worth naming when a wrapped message contains them.
@@ -59,8 +60,8 @@ def file_in(err: BaseException, root: Path) -> str | None:
     """The deepest path under ``root`` that the messages in ``err``'s chain mention (a
     TensorStore error names its database directory, then the file inside it)."""
     pattern = re.compile(re.escape(str(Path(root).absolute())) + r"[^\s'\",:\]\\]*")
-    found = [m for e in _chain(err) for m in pattern.findall(str(e))]
-    return max(found, key=len).rstrip("/") if found else None
+    found = [m.rstrip("/.") for e in _chain(err) for m in pattern.findall(str(e))]
+    return max(found, key=len) if found else None
 
 
 def broken_json_file(directory: Path) -> Path | None:
@@ -113,14 +114,49 @@ def quiet(settle: float = 0.5, limit: float = 5.0):
         seen = dropped[0]
         while time.monotonic() - last_change < settle and time.monotonic() - start < limit:
             time.sleep(0.05)
-            gc.collect()  # futures whose exception nobody read complain when collected
+            with warnings.catch_warnings():  # "coroutine ... was never awaited"
+                warnings.simplefilter("ignore", RuntimeWarning)
+                gc.collect()  # futures whose exception nobody read complain when collected
             if dropped[0] != seen:
                 seen, last_change = dropped[0], time.monotonic()
+        _ignore_orbax_leftovers()  # what is finalised later still: only Orbax's own
         raise
     finally:
         for logger in loggers:
             logger.removeFilter(drop)
         sys.unraisablehook, threading.excepthook = hooks
+
+
+def _from_orbax(text: str) -> bool:
+    return "orbax" in text or "tensorstore" in text
+
+
+class _DropOrbax(logging.Filter):
+    def filter(self, record) -> bool:
+        return not _from_orbax(record.getMessage())
+
+
+_installed = False
+
+
+def _ignore_orbax_leftovers() -> None:
+    """From the first failure on, drop what a failed Orbax call's coroutines and futures
+    print when they are finalised (at garbage collection or exit), and nothing else: other
+    unraisable exceptions and log records go where they went before."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    logging.getLogger("asyncio").addFilter(_DropOrbax())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and _from_orbax(code.co_filename):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def silence_for_exit() -> None:

@@ -393,14 +393,15 @@ def load_run(run_dir, *, step="best"):
 
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
-        raise RunError(f"{run_dir} is not a run directory (no such directory)")
+        what = "not a directory" if run_dir.exists() else "no such directory"
+        raise RunError(f"{run_dir} is not a run directory ({what})")
     config_path = run_dir / "config.yaml"
     if not (run_dir / MARK).is_file() or not config_path.is_file():
         raise RunError(f"{run_dir} is not a run directory of jaxattn (no {MARK} or config.yaml)")
     try:
         config = load_config(config_path)
     except ConfigError as err:
-        raise RunError(f"{config_path}: {err}") from None
+        raise RunError.about(config_path, err) from None
     with Checkpoints(run_dir / "checkpoints", read_only=True) as ckpts:
         steps = ckpts.steps()
         if not steps:

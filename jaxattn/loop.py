@@ -152,6 +152,20 @@ def _config_difference(stored: dict, config: Config) -> str | None:
     return None
 
 
+def _same_text(path: Path, text: str) -> bool:
+    try:
+        return path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _json_file(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def _write(path: Path, text: str) -> None:
     try:
         atomic_write_text(path, text)
@@ -211,9 +225,9 @@ def train(
             session = _Session(config, run, ckpts, stop, start)
             if resuming and ckpts.latest_step() is not None:
                 params, opt_state = session.restore(params, opt_state)
-            if session.done:  # a resumed run that had finished: leave it as it is
+            if session.done:  # a resumed run that had finished: only what is missing
                 log(f"{run.path} finished at step {session.progress.step} already")
-                return session.result()
+                return session.repair(log)
             _write(run.path / "config.yaml", dump_config(config))
             _write(run.path / "metrics.jsonl", session.metrics_text())
             session.train(params, opt_state, graphdef, optimizer)
@@ -229,7 +243,7 @@ def _check_resumable(run: RunDir, config: Config) -> None:
     try:
         stored = load_config(path)
     except ConfigError as err:
-        raise RunError(f"{path}: {err}") from None
+        raise RunError.about(path, err) from None
     difference = _config_difference(to_dict(stored), config)
     if difference:
         raise RunError(
@@ -301,7 +315,9 @@ class _Session:
         )
         compiled = False  # the session's first chunk includes compilation
         try:
-            metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            # Unbuffered: a failed write (a full disk) raises at once and leaves nothing
+            # for close() to retry; a half line is replaced from the checkpoint on resume.
+            metrics_file = open(self.run_dir / "metrics.jsonl", "ab", buffering=0)
         except OSError as err:
             raise RunError.writing(self.run_dir / "metrics.jsonl", err) from None
         with bar, metrics_file:
@@ -386,8 +402,7 @@ class _Session:
         progress.pending = _no_pending()
         progress.reached = progress.last_eval["exact_match"] >= self.config.train.target_exact_match
         try:
-            metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
-            metrics_file.flush()
+            metrics_file.write((json.dumps(record, allow_nan=False) + "\n").encode())
         except OSError as err:
             raise RunError.writing(self.run_dir / "metrics.jsonl", err) from None
         ranking = {k: progress.last_eval[k] for k in ("exact_match", "eval_loss")}
@@ -409,9 +424,18 @@ class _Session:
         """Wall time of the run so far, earlier sessions included."""
         return self.progress.seconds + time.perf_counter() - self.start
 
-    def result(self) -> TrainResult:
-        """The result of a run that had finished before this session (nothing rewritten)."""
+    def repair(self, log) -> TrainResult:
+        """A run that had finished before this session: its files are left as they are,
+        except those a kill (or a user) removed or spoiled, rewritten from the last
+        checkpoint (config.yaml, metrics.jsonl, summary.json)."""
         p = self.progress
+        if not _same_text(self.run_dir / "metrics.jsonl", self.metrics_text()):
+            _write(self.run_dir / "metrics.jsonl", self.metrics_text())
+        if not (self.run_dir / "config.yaml").is_file():
+            _write(self.run_dir / "config.yaml", dump_config(self.config))
+        if not _json_file(self.run_dir / "summary.json"):
+            self.start = time.perf_counter()  # the wall time is the one up to the checkpoint
+            return self.finish(log)
         return TrainResult(
             self.run_dir, p.step, p.last_eval, p.reached, p.seconds, self.resumed_from
         )

@@ -64,6 +64,11 @@ class RunError(Exception):
         super().__init__(" ".join(str(message).split()))
 
     @classmethod
+    def about(cls, path, err: Exception) -> RunError:
+        """``err``'s message, prefixed with ``path`` unless it names it already."""
+        return cls(str(err) if str(path) in str(err) else f"{path}: {err}")
+
+    @classmethod
     def writing(cls, path, err: OSError) -> RunError:
         """``cannot write <path>: <the operating system's reason>``."""
         return cls(f"cannot write {path}: {describe_os_error(err)}")
@@ -126,6 +131,16 @@ def is_run_dir(path: Path) -> bool:
 
 def _refusal(path: Path) -> str | None:
     """Why ``path`` cannot become a run directory, or None if it can (absent, empty, ours)."""
+    try:
+        return _refusal_of(path)
+    except OSError as err:  # a name too long, a loop of symlinks above it, ...
+        return f"cannot use {path} as a run directory: {describe_os_error(err)}"
+
+
+def _refusal_of(path: Path) -> str | None:
+    inside = next((p for p in path.absolute().parents if is_run_dir(p)), None)
+    if inside is not None:  # its checkpoints/, or a directory a user keeps inside a run
+        return f"{path} is inside the run {inside}; choose a directory outside it"
     if path.is_symlink():
         return f"{path} is a symlink; give the real directory as train.run_dir"
     if not path.exists():
@@ -133,6 +148,9 @@ def _refusal(path: Path) -> str | None:
     if not path.is_dir():
         return f"{path} exists and is not a directory; choose another train.run_dir"
     if (path / MARK).is_file():
+        wrong = [n for n in OWNED if _wrong_kind(path / n)]
+        if wrong:  # a user's directory where a run keeps a file: never deleted, never trained
+            return f"{path / wrong[0]} is not what a run writes there; move it out of the run"
         return None
     try:
         entries = sorted(p.name for p in path.iterdir())
@@ -145,6 +163,15 @@ def _refusal(path: Path) -> str | None:
             f"{shown}); refusing to write into it: choose a new or empty train.run_dir"
         )
     return None
+
+
+def _wrong_kind(path: Path) -> bool:
+    """A symlink, or a directory where a run writes a file (or the reverse)."""
+    if path.is_symlink():
+        return False  # unlinked by --overwrite, never followed
+    if not path.exists():
+        return False
+    return path.is_dir() != (path.name == CHECKPOINTS)
 
 
 def _create_mark(path: Path) -> None:
@@ -244,12 +271,12 @@ def open_run_dir(
     except BaseException as err:
         if lock_file is not None:
             lock_file.close()
-        if marked:  # undo this call: its mark, then the directories it made
+        if marked and lock_file is not None:  # undo this call: its mark (if it is ours) ...
             with contextlib.suppress(OSError):
                 (path / MARK).unlink()
-            for p in created:
-                with contextlib.suppress(OSError):
-                    p.rmdir()  # only if empty
+        for p in created:  # ... and the directories it made, if they are still empty
+            with contextlib.suppress(OSError):
+                p.rmdir()
         if isinstance(err, OSError):
             raise RunError(
                 f"cannot write the run directory {path}: {describe_os_error(err)}"

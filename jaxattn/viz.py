@@ -189,9 +189,9 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
 
 
 def main(argv=None) -> int:
-    import argparse
+    from jaxattn._cli import OneLineParser
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m jaxattn.viz",
         description="Draw attention heatmaps and training curves of a finished run.",
     )
@@ -211,6 +211,10 @@ def main(argv=None) -> int:
         print(f"jaxattn.viz: {err}", file=sys.stderr)
         silence_for_exit()
         return 2
+    except KeyboardInterrupt:  # pictures are written whole or not at all
+        print("jaxattn.viz: interrupted", file=sys.stderr)
+        silence_for_exit()
+        return 130
     for path in paths:
         print(path)
     return 0

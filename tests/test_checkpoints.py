@@ -525,17 +525,22 @@ def test_corrupt_step_metrics_or_incomplete_meta_is_one_line(run_copy, damage, n
     assert named in one_line(info.value)
 
 
-def test_failed_restores_leave_the_process_hooks_as_they_were(run_copy):
-    """Orbax's leftover threads are silenced only while the failed call settles: a user's
-    process keeps its own hooks and log levels afterwards."""
+def test_failed_restores_leave_the_process_hooks_as_they_were(run_copy, monkeypatch):
+    """Orbax's leftover threads are silenced only while the failed call settles; after it
+    only Orbax's own leftovers are dropped: a user's process hears everything else."""
     import logging
     import sys
     import threading
+    import types
 
-    before = (sys.unraisablehook, threading.excepthook, logging.getLogger("absl").filters[:])
+    heard = []
+    monkeypatch.setattr(sys, "unraisablehook", heard.append)
+    before = (threading.excepthook, logging.getLogger("absl").filters[:])
     for path in data_files(run_copy / "checkpoints" / "30" / "params"):
         truncate(path)
     with pytest.raises(RunError):
         load_run(run_copy, step="latest")
-    after = (sys.unraisablehook, threading.excepthook, logging.getLogger("absl").filters[:])
-    assert after == before
+    assert (threading.excepthook, logging.getLogger("absl").filters[:]) == before
+    theirs = types.SimpleNamespace(object=None, exc_value=RuntimeError("user's"))
+    sys.unraisablehook(theirs)
+    assert heard[-1] is theirs
