@@ -59,6 +59,7 @@ def trained(tmp_path_factory):
     real_save = Checkpoints.save
 
     def recording_save(self, step, *args, **kwargs):
+        self.wait()  # what save does first: the previous one, written in the background
         saves.append((step, sorted(p.name for p in self.directory.iterdir())))
         return real_save(self, step, *args, **kwargs)
 
@@ -132,7 +133,7 @@ def shapes(tree) -> dict:
 def test_checkpoints_are_written_as_we_go_keeping_the_last_k_and_the_best(trained):
     run_dir, result, saves = trained
     assert result.steps == 30 and not result.reached_target
-    # A checkpoint at each evaluation, each one on disk before training went on.
+    # A checkpoint at each evaluation, each one complete on disk before the next began.
     assert saves == [(10, []), (20, ["10"]), (30, ["10", "20"])]
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
@@ -448,6 +449,7 @@ real_save = Checkpoints.save
 
 def save_then_fill(self, *args, **kwargs):
     real_save(self, *args, **kwargs)
+    self.wait()  # the first checkpoint is on disk (saves finish in the background)
     filler = os.path.join(disk, "filler")
     if not os.path.exists(filler):
         st = os.statvfs(disk)
