@@ -33,20 +33,20 @@ TINY = ROOT / "configs" / "tiny.yaml"
 TMP = ".orbax-checkpoint-tmp"  # Orbax's name for a step that is still being written
 
 
+# A 30-step run with an evaluation and a checkpoint every 10 steps (1.0 is not reached in
+# 30 steps: every step runs).
+SHORT = (
+    "train.progress=false",
+    "task.eval_size=64",
+    "train.steps=30",
+    "train.eval_every=10",
+    "train.steps_per_call=10",
+)
+
+
 def run_config(run_dir, *overrides):
     return load_config(
-        TINY,
-        [
-            f"train.run_dir={run_dir}",
-            "train.progress=false",
-            "task.eval_size=64",
-            "train.steps=30",
-            "train.eval_every=10",
-            "train.steps_per_call=10",
-            "train.target_exact_match=1.0",  # not reached in 30 steps: every step runs
-            "train.keep_checkpoints=2",
-            *overrides,
-        ],
+        TINY, [f"train.run_dir={run_dir}", *SHORT, "train.keep_checkpoints=2", *overrides]
     )
 
 
@@ -466,15 +466,7 @@ def test_a_real_full_disk_during_a_save_is_one_line_keeping_the_earlier_one(smal
     run_dir = small_tmpfs / "run"
     driver = tmp_path / "fill_after_first_save.py"
     driver.write_text(FILL_AFTER_FIRST_SAVE)
-    overrides = [
-        f"train.run_dir={run_dir}",
-        "train.progress=false",
-        "task.eval_size=64",
-        "train.steps=30",
-        "train.eval_every=10",
-        "train.steps_per_call=10",
-        "train.keep_checkpoints=5",
-    ]
+    overrides = [f"train.run_dir={run_dir}", *SHORT, "train.keep_checkpoints=5"]
     proc = subprocess.run(
         [sys.executable, driver, small_tmpfs, ROOT / "train.py", "--config", TINY, *overrides],
         cwd=tmp_path,
