@@ -579,3 +579,41 @@ def test_leftovers_of_a_kill_are_removed_on_open_and_nothing_of_the_users(tmp_pa
     assert hidden == [".jaxattn-run", ".notes.tmp-draft"]
     assert (run / "notes.txt").read_text() == "mine\n"
     assert (run / "config.yaml").read_text() == "old config.yaml\n"  # resume keeps the run
+
+
+def test_a_run_dir_inside_a_run_or_with_a_too_long_name_is_one_line(tmp_path, no_training):
+    run = fake_run(tmp_path / "run")
+    before = tree(tmp_path)
+    for inside in (run / "checkpoints" / "999", run / "plots"):
+        # Was accepted: a run inside another's checkpoints/ broke its load_run and resume.
+        assert f"is inside the run {run}" in refused(small_config(inside))
+    long = "a" * 300
+    for path in (tmp_path / long, tmp_path / "x" / long / "y"):
+        # Was a 25-line OSError traceback (File name too long), and left x/ behind.
+        assert "File name too long" in refused(small_config(path))
+    assert tree(tmp_path) == before
+
+
+def test_a_directory_where_a_run_writes_a_file_is_refused_not_deleted(tmp_path, no_training):
+    run = fake_run(tmp_path / "run")
+    (run / "summary.json").unlink()
+    (run / "summary.json").mkdir()
+    (run / "summary.json" / "keep").write_text("mine\n")
+    for flags in ({"resume": True}, {"overwrite": True}):
+        message = refused(small_config(run), **flags)
+        assert "summary.json is not what a run writes there" in message
+    assert (run / "summary.json" / "keep").read_text() == "mine\n"
+
+
+def test_resume_of_a_finished_run_rewrites_only_what_a_kill_left_missing(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    (run / "summary.json").unlink()  # killed after the last checkpoint, before the summary
+    (run / "metrics.jsonl").write_text('{"step": 2, "tra')  # and a line cut short
+    logs: list[str] = []
+    result = train(small_config(run), resume=True, log=logs.append)
+    assert result.steps == 4 and result.resumed_from == 4
+    assert any("finished at step 4 already" in line for line in logs)
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert checkpoint_steps(run) == ["2", "4"]
