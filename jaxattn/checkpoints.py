@@ -27,7 +27,6 @@ import dataclasses
 import errno
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -96,7 +95,6 @@ class Checkpoints:
 
     def __init__(self, directory, *, keep: int = 3, read_only: bool = False):
         import orbax.checkpoint as ocp  # imported here: only runs that save or load need it
-        from orbax.checkpoint import checkpoint_managers as policies
 
         self._ocp = ocp
         self.directory = Path(directory).absolute()
@@ -108,39 +106,40 @@ class Checkpoints:
             raise RunError(f"{self.directory} does not exist: the run has no checkpoint yet")
         if not read_only:
             self._remove_temporaries()  # what a save cut short by a kill left
-        absl = logging.getLogger("absl")
-        level = absl.level
-        absl.setLevel(logging.ERROR)  # read_only logs warnings that say only that
+        # Quiet: read_only logs warnings that say only that, and opening reads every
+        # step's metrics, one of which may be corrupt (then one line below).
         try:
-            options = ocp.CheckpointManagerOptions(
-                # Last `keep` steps, and the best by exact-match among those evaluated.
-                preservation_policy=policies.AnyPreservationPolicy(
-                    [
-                        policies.LatestN(n=keep),
-                        policies.BestN(
-                            get_metric_fn=_quality, n=1, keep_checkpoints_without_metrics=False
-                        ),
-                    ]
-                ),
-                best_fn=_quality,  # makes Orbax store the metrics with each step (and best_step)
-                # A save returns once the arrays are copied; Orbax writes and finalizes the
-                # step in the background while training goes on (wait() joins it).
-                enable_async_checkpointing=not read_only,
-                cleanup_tmp_directories=False,  # done here, synchronously (_remove_temporaries)
-                create=not read_only,
-                read_only=read_only,
-            )
-            with errors.quiet():  # it reads every step's metrics: one may be corrupt
+            with errors.quiet():
                 self._manager = ocp.CheckpointManager(
-                    self.directory, options=options, item_names=ITEMS
+                    self.directory, options=self._options(keep, read_only), item_names=ITEMS
                 )
         except Exception as err:
             raise RunError(
                 f"{errors.where(err, self.directory)}: cannot open the checkpoints "
                 f"({errors.reason(err)})"
             ) from None
-        finally:
-            absl.setLevel(level)
+
+    def _options(self, keep: int, read_only: bool):
+        from orbax.checkpoint import checkpoint_managers as policies
+
+        return self._ocp.CheckpointManagerOptions(
+            # Last `keep` steps, and the best by exact-match among those evaluated.
+            preservation_policy=policies.AnyPreservationPolicy(
+                [
+                    policies.LatestN(n=keep),
+                    policies.BestN(
+                        get_metric_fn=_quality, n=1, keep_checkpoints_without_metrics=False
+                    ),
+                ]
+            ),
+            best_fn=_quality,  # makes Orbax store the metrics with each step (and best_step)
+            # A save returns once the arrays are copied; Orbax writes and finalizes the step
+            # in the background while training goes on (wait() joins it).
+            enable_async_checkpointing=not read_only,
+            cleanup_tmp_directories=False,  # done here, synchronously (_remove_temporaries)
+            create=not read_only,
+            read_only=read_only,
+        )
 
     def close(self) -> None:
         """Wait for a pending save (RunError if it failed), then close the manager."""
