@@ -153,7 +153,11 @@ def _ignore_orbax_leftovers() -> None:
     def hook(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
         if code is not None and _from_orbax(code.co_filename):
-            return
+            return  # a coroutine of the failed call, finalised
+        exc = unraisable.exc_value
+        if unraisable.object is None and isinstance(exc, RuntimeError):
+            if str(exc) == "Event loop is closed":  # a TensorStore callback into its loop
+                return
         previous(unraisable)
 
     sys.unraisablehook = hook
