@@ -173,11 +173,8 @@ def _write(path: Path, text: str) -> None:
         raise RunError.writing(path, err) from None
 
 
-def _state_bytes(config: Config) -> int:
+def _state_bytes(config: Config, optimizer) -> int:
     """Bytes of the parameters and optimizer state (shapes only: nothing is computed)."""
-    optimizer = make_optimizer(
-        config.optim, d_model=config.model.d_model, total_steps=updates(config)
-    )
     _, params = abstract_model(config)
     state = (params, jax.eval_shape(optimizer.init, params))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
@@ -203,9 +200,12 @@ def train(
       TrainingInterrupted: SIGINT or SIGTERM; the checkpoint of the step reached is saved.
     """
     start = time.perf_counter()
+    optimizer = make_optimizer(
+        config.optim, d_model=config.model.d_model, total_steps=updates(config)
+    )
     # Room for the kept checkpoints, one being written, and a margin: checked before the
     # run directory is created (each save checks again against the checkpoints' real size).
-    needed = (config.train.keep_checkpoints + 2) * (_state_bytes(config) + 2**18)
+    needed = (config.train.keep_checkpoints + 2) * (_state_bytes(config, optimizer) + 2**18)
     with (
         _StopSignals() as stop,
         open_run_dir(
@@ -217,9 +217,6 @@ def train(
             _check_resumable(run, config)
         elif resume:
             log(f"no run in {run.path} to resume; starting a new one")
-        optimizer = make_optimizer(
-            config.optim, d_model=config.model.d_model, total_steps=updates(config)
-        )
         graphdef, params, opt_state = init_state(config, optimizer)
         with Checkpoints(run.checkpoints, keep=config.train.keep_checkpoints) as ckpts:
             session = _Session(config, run, ckpts, stop, start)
