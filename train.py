@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)  # flags may come between overrides
 
     try:
-        from jaxattn.config import ConfigError, load_config
+        from jaxattn.train.config import ConfigError, load_config
 
         try:
             config = load_config(args.config, args.overrides)
@@ -54,9 +54,9 @@ def main(argv=None) -> int:
             print(f"train.py: config error: {err}", file=sys.stderr)
             return 2
 
-        from jaxattn._orbax_errors import silence_for_exit
-        from jaxattn.loop import TrainingInterrupted, train
-        from jaxattn.rundir import RunError
+        from jaxattn.train._orbax_errors import silence_for_exit
+        from jaxattn.train.loop import TrainingInterrupted, train
+        from jaxattn.train.rundir import RunError
 
         try:
             result = train(config, resume=args.resume, overwrite=args.overwrite)

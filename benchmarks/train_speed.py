@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # train.py with every checkpoint save skipped: the baseline "no checkpoints" (the trainer
 # itself always keeps at least the last one).
 _NO_SAVES = (
-    "import runpy, sys; import jaxattn.checkpoints as c; "
+    "import runpy, sys; import jaxattn.train.checkpoints as c; "
     "c.Checkpoints.save = lambda *args, **kwargs: None; "
     "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 )

@@ -8,15 +8,8 @@ Public API (everything else is internal)::
     from jaxattn import TinyDecoder, ModelConfig, generate, load_run
 """
 
+from jaxattn._dropout import attention_dropout_mask as attention_dropout_mask
 from jaxattn.attention import dot_product_attention as dot_product_attention
-from jaxattn.checkpoints import load_run as load_run
-from jaxattn.config import Config as Config
-from jaxattn.config import ConfigError as ConfigError
-from jaxattn.config import load_config as load_config
-from jaxattn.decoding import generate as generate
-from jaxattn.dropout import attention_dropout_mask as attention_dropout_mask
-from jaxattn.loop import TrainingInterrupted as TrainingInterrupted
-from jaxattn.loop import train as train
 from jaxattn.mask_spec import CausalMask as CausalMask
 from jaxattn.mask_spec import MaskSpec as MaskSpec
 from jaxattn.mask_spec import PaddingMask as PaddingMask
@@ -31,8 +24,5 @@ from jaxattn.masks import padding_mask_from_tokens as padding_mask_from_tokens
 from jaxattn.masks import prefix_lm_mask as prefix_lm_mask
 from jaxattn.masks import segment_mask as segment_mask
 from jaxattn.masks import sliding_window_mask as sliding_window_mask
-from jaxattn.model import ModelConfig as ModelConfig
-from jaxattn.model import TinyDecoder as TinyDecoder
-from jaxattn.rundir import RunError as RunError
 
 __version__ = "0.1.0"

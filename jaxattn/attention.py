@@ -14,7 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxattn import dropout, flash
+from jaxattn import _dropout as dropout
+from jaxattn import _flash as flash
 from jaxattn.mask_spec import CausalMask, MaskSpec
 from jaxattn.masks import and_masks, causal_mask
 
@@ -193,7 +194,7 @@ def _weighted_sum(weights, value, t):
 
 
 def _dropout_scale(seed, rate: float, shape, dtype):
-    """The dropout factors (:func:`jaxattn.dropout.scale_factor`) of weights in the grouped
+    """The dropout factors (:func:`jaxattn._dropout.scale_factor`) of weights in the grouped
     ``[..., K, G, T, S]`` layout: head ``k * G + g`` of ``[..., N, T, S]``."""
     *batch, k, g, t, s = shape
     pos = dropout.positions(batch, k * g, t, s)
@@ -206,7 +207,7 @@ def _core(t, return_weights, empty_rows, rate, qf, key, value, mask_g, bias_g, s
 
     Static: ``t`` (T), ``return_weights``, ``empty_rows`` (False when no row can be fully
     masked, which skips the guard that zeroes such rows), ``rate`` (dropout on the weights,
-    with ``seed`` the two words of :func:`jaxattn.dropout.seed_words`; 0 for none).
+    with ``seed`` the two words of :func:`jaxattn._dropout.seed_words`; 0 for none).
     """
     args = (qf, key, value, mask_g, bias_g, scale, seed)
     return _core_fwd(t, return_weights, empty_rows, rate, *args)[0]
@@ -406,10 +407,10 @@ def dot_product_attention(
         NVIDIA GPU where it applies, else ``"flash"`` from ``FLASH_MIN_PAIRS`` (query, key)
         pairs and ``"reference"`` below; ``"reference"`` materialises ``[..., N, T, S]``
         weights; ``"flash"`` is blockwise (memory O(T), empty blocks skipped, see
-        :mod:`jaxattn.flash`); ``"cudnn"`` is ``jax.nn.dot_product_attention``'s fused GPU
+        :mod:`jaxattn._flash`); ``"cudnn"`` is ``jax.nn.dot_product_attention``'s fused GPU
         kernel. Asking for a path that cannot serve the call raises ``ValueError``.
       block_sizes: ``(block_q, block_k)`` of the flash path; default by backend
-        (``jaxattn.flash.DEFAULT_BLOCKS``).
+        (``jaxattn._flash.DEFAULT_BLOCKS``).
       dropout_rate: dropout on the attention weights, in [0, 1): each weight is zeroed with
         this probability and the kept ones are scaled by ``1 / (1 - dropout_rate)``.
       dropout_key: PRNG key of the dropout, needed when ``dropout_rate > 0``. The mask is

@@ -3,7 +3,7 @@
 The builders of :mod:`jaxattn.masks` return bool arrays, which the reference path needs and
 which cost ``T * S`` memory. The classes here describe the same masks by their rule (a causal
 offset, a window, a prefix length, per-sequence lengths or segment ids), so that the blockwise
-path (:mod:`jaxattn.flash`) can
+path (:mod:`jaxattn._flash`) can
 
 - classify every (query block, key block) pair as empty, partial or full from a few integer
   comparisons (empty blocks are skipped, full blocks skip the masking), and

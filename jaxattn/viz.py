@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxattn.rundir import RunError, describe_os_error
+from jaxattn.train.rundir import RunError, describe_os_error
 
 
 def _pyplot():
@@ -28,7 +28,7 @@ def _pyplot():
 
 
 def token_labels(tokens) -> list[str]:
-    from jaxattn.tasks import BOS, PAD, SEP
+    from jaxattn.train.tasks import BOS, PAD, SEP
 
     special = {PAD: "PAD", BOS: "BOS", SEP: "SEP"}
     return [special.get(int(t), str(int(t))) for t in np.asarray(tokens)]
@@ -166,8 +166,8 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
     Everything is read and checked before the first picture is written. Raises RunError
     (one line) for an unusable run or an unwritable ``out_dir``, ValueError for ``example``.
     """
-    from jaxattn import tasks
-    from jaxattn.checkpoints import load_run
+    from jaxattn.train import tasks
+    from jaxattn.train.checkpoints import load_run
 
     run_dir = Path(run_dir).expanduser()
     out_dir = run_dir if out_dir is None else Path(out_dir).expanduser()
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     step = int(args.step) if args.step.isdigit() else args.step
-    from jaxattn._orbax_errors import silence_for_exit
+    from jaxattn.train._orbax_errors import silence_for_exit
 
     try:
         paths = draw_run(args.run_dir, example=args.example, out_dir=args.out, step=step)

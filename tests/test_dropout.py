@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxattn as ja
-from jaxattn import dropout
+from jaxattn import _dropout as dropout
 
 KEY = jax.random.key(11)
 

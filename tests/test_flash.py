@@ -1,4 +1,4 @@
-"""The blockwise path (jaxattn.flash): values and gradients against a float64 NumPy oracle,
+"""The blockwise path (jaxattn._flash): values and gradients against a float64 NumPy oracle,
 empty blocks really skipped, the block schedule, the dispatcher, and bounded compile size
 and memory."""
 
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxattn as ja
-from jaxattn import flash_blocks
+from jaxattn import _blocks as flash_blocks
 from jaxattn.attention import FLASH_MIN_PAIRS
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxattn as ja
-from jaxattn import flash
+from jaxattn import _flash as flash
 
 # --------------------------------------------------------------------------------------------
 # Brute-force rules: rule(b, t, s) -> may query t of sequence b attend key s.

@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from jaxattn.config import load_config
-from jaxattn.loop import train
+from jaxattn.train.config import load_config
+from jaxattn.train.loop import train
 from jaxattn.viz import main, plot_attention
 
 

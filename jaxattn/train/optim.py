@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxattn.config import OptimConfig
+from jaxattn.train.config import OptimConfig
 
 __all__ = [
     "SCHEDULES",

@@ -3,7 +3,7 @@
 Data flow: a step key -> ``tasks.make_batch`` on device -> ``TinyDecoder`` -> loss ->
 gradients -> Optax update, ``steps_per_call`` of them in one jitted ``lax.scan`` with the
 parameter and optimizer buffers donated, so Python runs once per chunk, not once per step.
-The loop around them (run directory, checkpoints, resume, signals) is ``jaxattn.loop``.
+The loop around them (run directory, checkpoints, resume, signals) is ``jaxattn.train.loop``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxattn import tasks
-from jaxattn.config import Config
-from jaxattn.decoding import greedy_tokens
-from jaxattn.model import TinyDecoder
-from jaxattn.optim import cross_entropy, make_schedule, token_accuracy
+from jaxattn.train import tasks
+from jaxattn.train.config import Config
+from jaxattn.nn.decoding import greedy_tokens
+from jaxattn.nn.model import TinyDecoder
+from jaxattn.train.optim import cross_entropy, make_schedule, token_accuracy
 
 
 def build_model(config: Config, seed: int | None = None) -> TinyDecoder:
@@ -104,7 +104,7 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
     answer exactly if and only if the argmax at every answer position, given the true prefix,
     is the true next token (by induction over the answer: while the decoded prefix equals the
     true one, the model sees the same input). That is one forward pass instead of L. With
-    ``decode=True`` it is computed by actually running :func:`jaxattn.generate` (the tests
+    ``decode=True`` it is computed by actually running :func:`jaxattn.nn.generate` (the tests
     check that both agree).
     """
     task = config.task

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxattn import tasks
-from jaxattn.config import TaskConfig
+from jaxattn.train import tasks
+from jaxattn.train.config import TaskConfig
 
 L, V, B = 5, 9, 32
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.attention import dot_product_attention
-from jaxattn.config import ModelConfig
+from jaxattn.nn.config import ModelConfig
 
 
 def dropout(x, rate: float, key):

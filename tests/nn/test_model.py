@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn.config import ModelConfig
-from jaxattn.decoding import generate
-from jaxattn.model import TinyDecoder, count_params
+from jaxattn.nn.config import ModelConfig
+from jaxattn.nn.decoding import generate
+from jaxattn.nn.model import TinyDecoder, count_params
 
 CFG = ModelConfig(d_model=16, num_layers=2, num_heads=4, d_ff=32, max_len=16)
 TOKENS = jax.random.randint(jax.random.key(0), (3, 7), 0, 11)

@@ -22,13 +22,13 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from jaxattn.checkpoints import Checkpoints, load_run, model_spec, spec_fingerprint
-from jaxattn.config import load_config
-from jaxattn.loop import train
-from jaxattn.rundir import RunError
-from jaxattn.training import abstract_model
+from jaxattn.train.checkpoints import Checkpoints, load_run, model_spec, spec_fingerprint
+from jaxattn.train.config import load_config
+from jaxattn.train.loop import train
+from jaxattn.train.rundir import RunError
+from jaxattn.train.steps import abstract_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 TMP = ".orbax-checkpoint-tmp"  # Orbax's name for a step that is still being written
 
@@ -442,7 +442,7 @@ def small_tmpfs(tmp_path):
 # saved: check_free_space passes at the start, the second save meets a full disk.
 FILL_AFTER_FIRST_SAVE = """
 import os, runpy, sys
-from jaxattn.checkpoints import Checkpoints
+from jaxattn.train.checkpoints import Checkpoints
 
 disk, train_py = sys.argv[1], sys.argv[2]
 real_save = Checkpoints.save

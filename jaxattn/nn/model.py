@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.config import ModelConfig
-from jaxattn.layers import DecoderBlock, dropout, sinusoidal_positions, split_keys
+from jaxattn.nn.config import ModelConfig
+from jaxattn.nn.layers import DecoderBlock, dropout, sinusoidal_positions, split_keys
 
-__all__ = ["ModelConfig", "TinyDecoder"]
+__all__ = ["TinyDecoder"]
 
 
 class TinyDecoder(nnx.Module):

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxattn import optim
-from jaxattn.config import OptimConfig
+from jaxattn.train import optim
+from jaxattn.train.config import OptimConfig
 
 # --------------------------------------------------------------------------------------------
 # Cross-entropy and accuracy

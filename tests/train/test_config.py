@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jaxattn.config import (
+from jaxattn.train.config import (
     Config,
     ConfigError,
     ModelConfig,
@@ -20,7 +20,7 @@ from jaxattn.config import (
     to_dict,
 )
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 TINY = CONFIGS / "tiny.yaml"
 
@@ -334,7 +334,7 @@ def test_config_error_is_value_error_and_one_line():
 
 
 def test_every_rule_names_a_real_key():
-    from jaxattn.config import _KEYS, _RULES
+    from jaxattn.train.config import _KEYS, _RULES
 
     assert set(_RULES) <= set(_KEYS)
 

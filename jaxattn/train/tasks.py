@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxattn.config import TaskConfig
+from jaxattn.train.config import TaskConfig
 
 __all__ = [
     "BOS",

@@ -36,8 +36,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxattn import _orbax_errors as errors
-from jaxattn.rundir import MARK, RunError
+from jaxattn.train import _orbax_errors as errors
+from jaxattn.train.rundir import MARK, RunError
 
 __all__ = ["Checkpoints", "load_run", "model_spec", "spec_fingerprint"]
 
@@ -387,8 +387,8 @@ def load_run(run_dir, *, step="best"):
     config.yaml no longer matches the checkpoint (a model key edited), or a checkpoint file
     is missing or corrupt.
     """
-    from jaxattn.config import ConfigError, load_config
-    from jaxattn.training import abstract_model
+    from jaxattn.train.config import ConfigError, load_config
+    from jaxattn.train.steps import abstract_model
 
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():

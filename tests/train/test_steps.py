@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn import tasks
-from jaxattn.checkpoints import load_run
-from jaxattn.config import load_config
-from jaxattn.decoding import generate
-from jaxattn.loop import train
-from jaxattn.optim import make_optimizer
-from jaxattn.rundir import MARK, RunError
-from jaxattn.training import build_model, make_train_chunk
+from jaxattn.train import tasks
+from jaxattn.train.checkpoints import load_run
+from jaxattn.train.config import load_config
+from jaxattn.nn.decoding import generate
+from jaxattn.train.loop import train
+from jaxattn.train.optim import make_optimizer
+from jaxattn.train.rundir import MARK, RunError
+from jaxattn.train.steps import build_model, make_train_chunk
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
@@ -154,7 +154,7 @@ def test_dataclass_configs_are_frozen(tmp_path):
 
 def test_exact_match_shortcut_equals_real_greedy_decoding(tmp_path):
     """The one-pass exact-match agrees sequence by sequence with running generate()."""
-    from jaxattn.training import init_state, make_eval_fn
+    from jaxattn.train.steps import init_state, make_eval_fn
 
     config = small_config(tmp_path, "task.eval_size=200")
     optimizer = make_optimizer(config.optim, d_model=config.model.d_model, total_steps=1500)

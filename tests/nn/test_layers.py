@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from jaxattn import attention_dropout_mask
-from jaxattn.config import ModelConfig
-from jaxattn.layers import (
+from jaxattn.nn.config import ModelConfig
+from jaxattn.nn.layers import (
     DecoderBlock,
     FeedForward,
     MultiHeadAttention,

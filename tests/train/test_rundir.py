@@ -3,7 +3,7 @@ training (point 4).
 
 Each refusal first checks that the damage the old trainer did is absent (the user's files
 still there with their content, nothing added, nothing renamed), then the one-line RunError.
-Refusals go through ``jaxattn.loop.train`` with model initialisation and the training step
+Refusals go through ``jaxattn.train.loop.train`` with model initialisation and the training step
 replaced by a failing stub (a refusal must come before any of it), and a few key cases
 through a real ``train.py`` subprocess (exit 2, one stderr line, no traceback).
 """
@@ -20,12 +20,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from jaxattn import loop, rundir
-from jaxattn.config import load_config
-from jaxattn.loop import train
-from jaxattn.rundir import MARK, OWNED, RunError, open_run_dir
+from jaxattn.train import loop
+from jaxattn.train import rundir
+from jaxattn.train.config import load_config
+from jaxattn.train.loop import train
+from jaxattn.train.rundir import MARK, OWNED, RunError, open_run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 # A small model and a short run: 4 steps, evaluated and checkpointed at steps 2 and 4.
 SMALL = [

@@ -1,8 +1,8 @@
 """The training loop: a run directory of ours, checkpoints as we go, exact resume, signals.
 
-``train(config)`` opens the run directory (``jaxattn.rundir``: created and marked, or
+``train(config)`` opens the run directory (``jaxattn.train.rundir``: created and marked, or
 refused), restores the latest checkpoint when resuming, then runs jitted chunks of steps
-(``jaxattn.training``). After each chunk it evaluates and checkpoints on schedule. SIGINT
+(``jaxattn.train.steps``). After each chunk it evaluates and checkpoints on schedule. SIGINT
 and SIGTERM only raise a flag: the current chunk finishes, a checkpoint is saved, and
 :class:`TrainingInterrupted` says at which step. What the loop keeps between chunks (the
 evaluation records, the train losses since the last evaluation, wall time) is saved with
@@ -26,9 +26,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxattn import tasks
-from jaxattn.checkpoints import Checkpoints, model_spec, spec_fingerprint
-from jaxattn.config import (
+from jaxattn.train import tasks
+from jaxattn.train.checkpoints import Checkpoints, model_spec, spec_fingerprint
+from jaxattn.train.config import (
     Config,
     ConfigError,
     checkpoint_every,
@@ -38,9 +38,9 @@ from jaxattn.config import (
     run_dir_for,
     to_dict,
 )
-from jaxattn.optim import make_optimizer
-from jaxattn.rundir import RunDir, RunError, atomic_write_text, open_run_dir
-from jaxattn.training import (
+from jaxattn.train.optim import make_optimizer
+from jaxattn.train.rundir import RunDir, RunError, atomic_write_text, open_run_dir
+from jaxattn.train.steps import (
     abstract_model,
     init_state,
     make_eval_fn,

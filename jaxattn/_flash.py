@@ -11,7 +11,7 @@ Work is cut into steps of one (sequence, key heads, query block): the ``G`` quer
 share a key head are stacked along the query axis (``[G * block_q, H]``), so K and V are read
 once per group and never copied; a step takes up to four key heads
 (:func:`_heads_per_step`). Each (query block, key block) pair is classified
-(:mod:`jaxattn.flash_blocks`) from the mask's structure (:mod:`jaxattn.mask_spec`) or, for a
+(:mod:`jaxattn._blocks`) from the mask's structure (:mod:`jaxattn.mask_spec`) or, for a
 bool array, by reducing it per block:
 
 - empty blocks are not visited: each query block walks a compacted list of its non-empty key
@@ -28,7 +28,7 @@ probabilities are cast to the value dtype for the P V matmul (as fused kernels d
 sees no key ends with ``m == fill``: its output is 0 and its ``lse`` is ``+inf``, which makes
 its recomputed probabilities, and so all its gradients, exactly 0.
 
-Dropout (:mod:`jaxattn.dropout`) scales each block's probabilities by a keep factor hashed
+Dropout (:mod:`jaxattn._dropout`) scales each block's probabilities by a keep factor hashed
 from their global positions after the running sum has taken them (the sum is of the weights
 before dropout); the backward hashes the same factors again, so no mask is ever stored.
 """
@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxattn import dropout as dropout_lib
-from jaxattn.flash_blocks import Geo, branches, classify, schedule, walk
+from jaxattn import _dropout as dropout_lib
+from jaxattn._blocks import Geo, branches, classify, schedule, walk
 
 __all__ = ["DEFAULT_BLOCKS", "flash_attention"]
 
@@ -158,7 +158,7 @@ def _orient(x, shape, key_major: bool):
 
 def _dropout_block(geo, seed, b, head0, hb, q0, rows, k0, cols, dtype, key_major=False):
     """``1 / (1 - rate)`` where a weight is kept, 0 where it is dropped (the mask of
-    :mod:`jaxattn.dropout` at these global positions), generated directly in the block's
+    :mod:`jaxattn._dropout` at these global positions), generated directly in the block's
     layout: ``[Z, G * rows, cols]``, or ``[Z, cols, G * rows]`` when ``key_major`` (a
     transposed copy would cost a pass)."""
     r_idx = jnp.arange(geo.g * rows, dtype=jnp.int32)  # query heads of a key head, then rows
@@ -426,8 +426,8 @@ def flash_attention(
       bias: float array broadcastable to ``[..., N, T, S]``, or None.
       scale: scalar in the accumulation dtype.
       block_q, block_k: block sizes (clipped to T and S).
-      dropout: ``(rate, seed)``: dropout on the weights (:mod:`jaxattn.dropout`), seed the
-        two words of :func:`jaxattn.dropout.seed_words`; ``(0.0, None)`` for none.
+      dropout: ``(rate, seed)``: dropout on the weights (:mod:`jaxattn._dropout`), seed the
+        two words of :func:`jaxattn._dropout.seed_words`; ``(0.0, None)`` for none.
 
     Returns ``[..., T, N, Hv]`` in the input dtype. Lengths that are not a multiple of the
     block size are padded (a copy of the inputs); padded keys are masked.

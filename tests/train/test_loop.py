@@ -37,13 +37,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn import loop, tasks
-from jaxattn.checkpoints import Checkpoints, load_run
-from jaxattn.config import load_config
-from jaxattn.loop import TrainingInterrupted, train
-from jaxattn.rundir import RunError
+from jaxattn.train import loop
+from jaxattn.train import tasks
+from jaxattn.train.checkpoints import Checkpoints, load_run
+from jaxattn.train.config import load_config
+from jaxattn.train.loop import TrainingInterrupted, train
+from jaxattn.train.rundir import RunError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 # Evaluations every 20 steps, chunks of 10. warmup_constant: the learning rate of a step does
@@ -316,8 +317,8 @@ def test_sigterm_sigint_and_sigkill_to_train_py_then_resume_gives_the_same_metri
 _KILL_IN_SECOND_SAVE = """
 import os, signal, sys
 from orbax.checkpoint._src.path import atomicity
-from jaxattn.config import load_config
-from jaxattn.loop import train
+from jaxattn.train.config import load_config
+from jaxattn.train.loop import train
 
 real = atomicity.AtomicRenameTemporaryPath.finalize
 steps = []
