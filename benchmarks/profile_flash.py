@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_ceiling_gflops
 
 import jaxattn
-from jaxattn import _flash as flash
 from jaxattn import _blocks as flash_blocks
+from jaxattn import _flash as flash
 
 _SKIP = ("Thunk", "$", "cond", "while", "Slinky", "Pjit", "Common", "Execute", "end:", "Alloc")
 _GROUPS = {

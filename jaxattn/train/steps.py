@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxattn.train import tasks
-from jaxattn.train.config import Config
 from jaxattn.nn.decoding import greedy_tokens
 from jaxattn.nn.model import TinyDecoder
+from jaxattn.train import tasks
+from jaxattn.train.config import Config
 from jaxattn.train.optim import cross_entropy, make_schedule, token_accuracy
 
 

@@ -37,8 +37,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn.train import loop
-from jaxattn.train import tasks
+from jaxattn.train import loop, tasks
 from jaxattn.train.checkpoints import Checkpoints, load_run
 from jaxattn.train.config import load_config
 from jaxattn.train.loop import TrainingInterrupted, train

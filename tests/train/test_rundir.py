@@ -20,8 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from jaxattn.train import loop
-from jaxattn.train import rundir
+from jaxattn.train import loop, rundir
 from jaxattn.train.config import load_config
 from jaxattn.train.loop import train
 from jaxattn.train.rundir import MARK, OWNED, RunError, open_run_dir

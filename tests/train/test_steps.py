@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxattn.nn.decoding import generate
 from jaxattn.train import tasks
 from jaxattn.train.checkpoints import load_run
 from jaxattn.train.config import load_config
-from jaxattn.nn.decoding import generate
 from jaxattn.train.loop import train
 from jaxattn.train.optim import make_optimizer
 from jaxattn.train.rundir import MARK, RunError
