@@ -2,7 +2,7 @@
 the order a loop visits them in.
 
 Each pair is classified empty, partial or full from the mask's structure
-(:meth:`jaxattn.mask_spec.MaskSpec.block_flags`) or, for a bool array, by reducing it per
+(:meth:`jaxattn.masks.MaskSpec.block_flags`) or, for a bool array, by reducing it per
 block. Each row of the table (a query block in the forward, a key block in the backward)
 becomes a compacted list of its non-empty columns, walked by a ``while`` loop whose trip count
 is data, so per-sequence (traced) lengths skip blocks too; a run of consecutive full blocks is

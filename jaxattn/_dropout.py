@@ -3,7 +3,7 @@
 Whether the weight of query ``t`` on key ``s`` in head ``n`` of sequence ``b`` is kept depends
 on those four positions and on two 32-bit words drawn once from the PRNG key, nothing else:
 not on block sizes, on the order blocks are visited in, or on the implementation. The
-blockwise path regenerates exactly the mask the reference path builds, block by block, in its
+blockwise path regenerates exactly the mask the xla path builds, block by block, in its
 forward and again in its backward, and never stores one.
 
 The hash is the 32-bit finaliser of MurmurHash3 (a bijection with full avalanche), chained

@@ -11,7 +11,7 @@ Work is cut into steps of one (sequence, key heads, query block): the ``G`` quer
 share a key head are stacked along the query axis (``[G * block_q, H]``), so K and V are read
 once per group and never copied; a step takes up to four key heads
 (:func:`_heads_per_step`). Each (query block, key block) pair is classified
-(:mod:`jaxattn._blocks`) from the mask's structure (:mod:`jaxattn.mask_spec`) or, for a
+(:mod:`jaxattn._blocks`) from the mask's structure (:mod:`jaxattn.masks`) or, for a
 bool array, by reducing it per block:
 
 - empty blocks are not visited: each query block walks a compacted list of its non-empty key
@@ -22,11 +22,12 @@ bool array, by reducing it per block:
 
 Loops are ``lax`` loops over a schedule table, so compile time does not grow with T.
 
-Numerics: logits, max, sum and accumulators in float32 (float64 for float64 inputs); masked
-logits get the same finite fill as the reference path so the running max stays finite; the
-probabilities are cast to the value dtype for the P V matmul (as fused kernels do). A row that
-sees no key ends with ``m == fill``: its output is 0 and its ``lse`` is ``+inf``, which makes
-its recomputed probabilities, and so all its gradients, exactly 0.
+Numerics (:mod:`jaxattn._numerics`, shared with the dense path): logits, max, sum and
+accumulators in float32 (float64 for float64 inputs); masked logits get the finite fill, so
+the running max stays finite; the probabilities are cast to the value dtype for the P V
+matmul (as fused kernels do). A row that sees no key ends with ``m == fill``: its output is 0
+and its ``lse`` is ``+inf``, which makes its recomputed probabilities, and so all its
+gradients, exactly 0.
 
 Dropout (:mod:`jaxattn._dropout`) scales each block's probabilities by a keep factor hashed
 from their global positions after the running sum has taken them (the sum is of the weights
@@ -45,6 +46,7 @@ from jax import lax
 
 from jaxattn import _dropout as dropout_lib
 from jaxattn._blocks import Geo, branches, classify, schedule, walk
+from jaxattn._numerics import acc_dtype, fill_value, transposed
 
 __all__ = ["DEFAULT_BLOCKS", "flash_attention"]
 
@@ -52,17 +54,6 @@ __all__ = ["DEFAULT_BLOCKS", "flash_attention"]
 # cache through the max, exp and sum passes, and full-block runs widen to 2048 keys; measured
 # in benchmarks/attention.py. GPU/TPU values are the usual sizes of blockwise kernels.
 DEFAULT_BLOCKS = {"cpu": (512, 512), "gpu": (128, 128), "tpu": (512, 512)}
-
-_FILL_FRACTION = 0.7  # as the reference path: fill = 0.7 * finfo(acc).min
-
-
-def _acc(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _fill(acc):
-    return jnp.asarray(_FILL_FRACTION * jnp.finfo(acc).min, acc)
-
 
 # --------------------------------------------------------------------------------------------
 # Slicing helpers (inputs stay in their [B, T, N, H] layout: no full-size transposed copies)
@@ -116,9 +107,9 @@ class _Masking(NamedTuple):
 def _logits_mask(geo, masking, b, head0, heads, q0, rows, k0, cols):
     """bool ``[heads * rows, cols]`` of a partial block (query heads ``head0..``): spec,
     dense mask and key padding."""
-    q_idx = q0 + jnp.arange(rows, dtype=jnp.int32)
-    k_idx = k0 + jnp.arange(cols, dtype=jnp.int32)
-    ok = jnp.broadcast_to((k_idx < geo.s)[None, :], (rows, cols))
+    q_idx = q0 + jnp.arange(rows, dtype=jnp.int32)[:, None]
+    k_idx = k0 + jnp.arange(cols, dtype=jnp.int32)[None, :]
+    ok = jnp.broadcast_to(k_idx < geo.s, (rows, cols))
     if masking.spec is not None:
         ok = ok & masking.spec.allowed(q_idx, k_idx, b, geo.t, geo.s)
     ok = _fold(ok[None], heads, rows, cols)
@@ -138,7 +129,7 @@ def _masked_logits(s, geo, masking, b, head0, heads, q0, rows, k0, cols, partial
     heads ``head0..head0+heads`` head-major, as ``[..., heads * rows / ..., cols]`` (or
     ``[cols, heads * rows]`` when ``key_major``)."""
     acc = s.dtype
-    fill = _fill(acc)
+    fill = fill_value(acc)
     if masking.bias is not None:
         bias = _bias_block(masking.bias, b, head0, heads, q0, rows, k0, cols).astype(acc)
         s = jnp.maximum(s + _orient(bias, s.shape, key_major), fill)  # -inf masks as False
@@ -170,13 +161,6 @@ def _dropout_block(geo, seed, b, head0, hb, q0, rows, k0, cols, dtype, key_major
     return dropout_lib.scale_factor(seed, geo.rate, b, n, t, s, dtype)
 
 
-def _transposed(x):
-    """The last two axes swapped and materialised: the barrier keeps XLA from folding the
-    transpose back into the next matmul as a transposed operand, which XLA:CPU runs 2.5x
-    slower."""
-    return lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
-
-
 def _scaled_rows(q, b, q0, rows, head0, heads, scale, acc):
     """Query rows times ``scale``, rounded once to the input dtype (saves a pass per block)."""
     qs = _rows(q, b, q0, rows, head0, heads)
@@ -201,7 +185,7 @@ def _heads_per_step(geo: Geo) -> int:
 
 def _forward(geo: Geo, masking: _Masking, q, k, v, scale):
     """Padded ``[B, Tp, N, H]`` inputs -> (out ``[B, Tp, N, Hv]``, lse ``[B, N, Tp]``)."""
-    acc, fill = _acc(q.dtype), _fill(_acc(q.dtype))
+    acc, fill = acc_dtype(q.dtype), fill_value(acc_dtype(q.dtype))
     sched = schedule(classify(geo, masking.spec, masking.mask))
     per_batch = sched.count.shape[0] > 1
     hb = _heads_per_step(geo)  # Z: key heads per step, each with its G query heads
@@ -278,7 +262,7 @@ def _bias_cotangent(d_bias, ds, geo, b, head0, heads, q0, rows, k0):
 
 def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
     """Gradients of the padded inputs: (dq, dk, dv, d_bias or None, d_scale)."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     cls = classify(geo, masking.spec, masking.mask)
     sched = schedule(jnp.swapaxes(jnp.asarray(cls), -1, -2))  # per key block: query blocks
     per_batch = sched.count.shape[0] > 1
@@ -331,7 +315,7 @@ def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
                 d_bias = _bias_cotangent(d_bias, ds, geo, b, head0, heads, q0, rows, k0)
             ds_t = ds_t.astype(q.dtype)
             dkj = dkj + jnp.einsum("ZCR,ZRH->ZCH", ds_t, qs, preferred_element_type=acc)
-            dq_blk = jnp.einsum("ZRC,ZCH->ZRH", _transposed(ds_t), kb, preferred_element_type=acc)
+            dq_blk = jnp.einsum("ZRC,ZCH->ZRH", transposed(ds_t), kb, preferred_element_type=acc)
             dq_blk = _unrows(dq_blk.reshape(heads * rows, geo.h), rows, heads)
             dq = _add_block(dq, dq_blk, _start(b, q0, head0, 0))
             return dq, dkj, dvj, d_bias
@@ -421,7 +405,7 @@ def flash_attention(
 
     Args:
       query, key, value: ``[..., T, N, H]``, ``[..., S, K, H]``, ``[..., S, K, Hv]``.
-      spec: a :class:`jaxattn.mask_spec.MaskSpec` (causal is folded in here) or None.
+      spec: a :class:`jaxattn.masks.MaskSpec` (causal is folded in here) or None.
       mask: bool array broadcastable to ``[..., N, T, S]``, or None.
       bias: float array broadcastable to ``[..., N, T, S]``, or None.
       scale: scalar in the accumulation dtype.
