@@ -18,7 +18,7 @@ class ModelConfig:
     num_heads: int = 4  # query heads N
     num_kv_heads: int | None = None  # key/value heads K (None = num_heads; 1 = multi-query)
     d_ff: int = 256  # hidden width of the feed-forward block
-    max_len: int = 64  # longest sequence the positions support
+    max_len: int = 32  # longest sequence the positions support
     positions: str = "sinusoidal"  # sinusoidal | learned | rotary
     activation: str = "relu"  # relu | gelu
     norm: str = "pre"  # pre | post (LayerNorm before or after each residual branch)

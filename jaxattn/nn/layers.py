@@ -16,6 +16,11 @@ from flax import nnx
 from jaxattn.attention import dot_product_attention
 from jaxattn.nn.config import ModelConfig
 
+# The values ModelConfig's string fields may take, implemented here and in jaxattn.nn.model.
+POSITIONS = ("sinusoidal", "learned", "rotary")  # model.positions
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}  # model.activation -> function
+NORMS = ("pre", "post")  # model.norm: LayerNorm before or after each residual branch
+
 
 def dropout(x, rate: float, key):
     """Inverted dropout; the identity when ``key`` is None (evaluation) or ``rate`` is 0."""
@@ -109,7 +114,7 @@ class FeedForward(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.up = nnx.Linear(config.d_model, config.d_ff, rngs=rngs)
         self.down = nnx.Linear(config.d_ff, config.d_model, rngs=rngs)
-        self.activation = jax.nn.relu if config.activation == "relu" else jax.nn.gelu
+        self.activation = ACTIVATIONS[config.activation]
         self.rate = config.dropout
 
     def __call__(self, x, *, key=None):

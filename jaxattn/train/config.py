@@ -1,7 +1,13 @@
 """Typed, frozen run configuration: one dataclass per concern, passed whole.
 
-The YAML loader, dotted command-line overrides and validation live below the dataclasses.
-Every field has a comment; ``configs/tiny.yaml`` documents the same fields for users.
+The defaults (here and in :mod:`jaxattn.nn.config`) are the values of ``configs/tiny.yaml``,
+the default run; the other shipped configs name it as their ``base`` and state only what
+differs. The YAML loader (``base`` files, dotted command-line overrides) and all validation
+of config values live below the dataclasses: the names a string field allows come from the
+module that implements them (:data:`jaxattn.train.tasks.TASKS`,
+:data:`jaxattn.train.optim.SCHEDULES`, :mod:`jaxattn.nn.layers`), and the modules that read
+a config do not check its values again. Every field has a comment; ``configs/tiny.yaml``
+documents the same fields for users.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from pathlib import Path
 import yaml
 
 from jaxattn.nn.config import ModelConfig
+from jaxattn.nn.layers import ACTIVATIONS, NORMS, POSITIONS
+from jaxattn.train.optim import SCHEDULES
+from jaxattn.train.tasks import FIRST_SYMBOL, TASKS, sequence_length
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,7 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 1e-3  # peak learning rate (noam: multiplier of its formula)
+    learning_rate: float = 3e-3  # peak learning rate (noam: multiplier of its formula)
     schedule: str = "warmup_cosine"  # noam | warmup_cosine | warmup_rsqrt | warmup_constant
     warmup_steps: int = 100  # linear warmup length
     b1: float = 0.9  # Adam beta1
@@ -40,14 +49,14 @@ class OptimConfig:
     eps: float = 1e-9  # Adam epsilon
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     clip_norm: float | None = 1.0  # global gradient-norm clip (None = off)
-    label_smoothing: float = 0.0  # optax smooth_labels alpha
+    label_smoothing: float = 0.1  # optax smooth_labels alpha
     accumulate_steps: int = 1  # micro-batches per update (optax.MultiSteps)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2000  # most optimizer steps
-    eval_every: int = 100  # steps between held-out evaluations
+    steps: int = 1500  # most optimizer steps
+    eval_every: int = 50  # steps between held-out evaluations
     target_exact_match: float = 1.0  # stop once held-out exact-match reaches this
     run_dir: str | None = None  # default runs/<config name>
     seed: int = 0  # parameters, dropout and training batches
@@ -77,7 +86,7 @@ def to_dict(config) -> dict:
 # Loading, overrides and validation
 
 _SECTIONS = {"model": ModelConfig, "task": TaskConfig, "optim": OptimConfig, "train": TrainConfig}
-_TOP_KEYS = ("name", *_SECTIONS)
+_TOP_KEYS = ("base", "name", *_SECTIONS)
 _TYPE_NAMES = {int: "an int", float: "a float", bool: "a bool (true or false)", str: "a string"}
 
 
@@ -131,19 +140,19 @@ _RULES = {
     "model.num_kv_heads": _at_least(1),
     "model.d_ff": _at_least(1),
     "model.max_len": _at_least(1),
-    "model.positions": _one_of("sinusoidal", "learned", "rotary"),
-    "model.activation": _one_of("relu", "gelu"),
-    "model.norm": _one_of("pre", "post"),
+    "model.positions": _one_of(*POSITIONS),
+    "model.activation": _one_of(*ACTIVATIONS),
+    "model.norm": _one_of(*NORMS),
     "model.dropout": _UNIT_OPEN,
     "model.attention_dropout": _UNIT_OPEN,
-    "task.name": _one_of("copy", "reverse", "sort", "next_token"),
+    "task.name": _one_of(*TASKS),
     "task.length": _at_least(1),
-    "task.vocab_size": _at_least(4),
+    "task.vocab_size": _at_least(FIRST_SYMBOL + 1),  # PAD, BOS, SEP and one symbol at least
     "task.batch_size": _at_least(1),
     "task.eval_size": _at_least(1),
     "task.eval_seed": _SEED,
     "optim.learning_rate": _POSITIVE,
-    "optim.schedule": _one_of("noam", "warmup_cosine", "warmup_rsqrt", "warmup_constant"),
+    "optim.schedule": _one_of(*SCHEDULES),
     "optim.warmup_steps": _at_least(0),
     "optim.b1": _UNIT_OPEN,
     "optim.b2": _UNIT_OPEN,
@@ -194,10 +203,10 @@ def _cross_field_errors(config: Config):
             f"in one call (gcd of train.steps_per_call={tr.steps_per_call} and "
             f"train.eval_every={tr.eval_every}); got {tr.checkpoint_every}"
         )
-    if m.max_len < 2 * t.length + 2:
+    if m.max_len < sequence_length(t):
         yield (
-            f"model.max_len must be >= 2 * task.length + 2 = {2 * t.length + 2} "
-            f"(the sequence length of task {t.name!r}); got {m.max_len}"
+            f"model.max_len must be >= {sequence_length(t)}, the sequence length of task "
+            f"{t.name!r} with task.length={t.length}; got {m.max_len}"
         )
 
 
@@ -309,6 +318,11 @@ def _override(text: str) -> dict:
     key = key.strip()
     if not eq or not key:
         raise ConfigError(f"override {text!r} must look like key.sub=value, e.g. train.steps=500")
+    if key == "base":
+        raise ConfigError(
+            f"override {text!r}: base is named only in a config file; write a file with "
+            "base: and your keys, and pass that file instead"
+        )
     parsed = _parse_yaml(value, f"override {text!r}")
     parts = key.split(".")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] not in _SECTIONS):
@@ -341,26 +355,65 @@ def _check(key: str, value):
     return value
 
 
-def load_config(path, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config, apply ``key.sub=value`` overrides, validate, and build a Config.
-
-    Raises ConfigError (one line naming the key, the bad value and what is allowed).
-    """
-    path = Path(path)
+def _read_mapping(path: Path, named_by: Path | None) -> dict:
+    """The top-level mapping of the YAML file ``path`` ({} when empty); ``named_by`` is the
+    file that names ``path`` as its base (None for the file given)."""
+    where, kind = ("", "config file") if named_by is None else (f"{named_by}: ", "base file")
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{where}{kind} not found: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from None
+        raise ConfigError(f"{where}cannot read {kind} {path}: {err}") from None
     data = _parse_yaml(text, str(path))
     if data is None:
-        data = {}
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path} must be a mapping with keys {', '.join(_TOP_KEYS)}, got {type(data).__name__}"
         )
+    return data
+
+
+def _base_chain(path: Path) -> list[tuple[Path, dict]]:
+    """``[(file, its mapping without 'base'), ...]``: ``path``, then its base, the base's
+    base, and so on. A base is a path relative to the file that names it; a base named
+    again (a cycle) is refused."""
+    chain: list[tuple[Path, dict]] = []
+    named_by = None
+    while True:
+        if any(path.resolve() == seen.resolve() for seen, _ in chain):
+            cycle = " -> ".join(str(p) for p in [*(seen for seen, _ in chain), path])
+            raise ConfigError(f"config files name each other as base: {cycle}")
+        data = _read_mapping(path, named_by)
+        base = data.pop("base", None)
+        chain.append((path, data))
+        if base is None:
+            return chain
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(
+                f"{path}: base must be the path of a config file, relative to this file's "
+                f"folder (e.g. base: tiny.yaml); got {_show(base)} ({type(base).__name__})"
+            )
+        named_by, path = path, path.parent / base
+
+
+def load_config(path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides, validate, and build a Config.
+
+    A file may name another as its ``base`` (a path relative to the file, e.g. ``base:
+    tiny.yaml``), itself possibly with a base: the deepest base is read first, each file's
+    keys override those of its base, and ``overrides`` (in order) override them all. Keys
+    that no file sets take the dataclass defaults. ``name`` is the run's own: the ``name``
+    of the file given, else its file stem; a base's ``name`` is not inherited.
+
+    Raises ConfigError (one line naming the key, the bad value and what is allowed).
+    """
+    path = Path(path)
+    (_, data), *bases = _base_chain(path)
     raw: dict = {"name": path.stem, **{s: {} for s in _SECTIONS}}
+    for base, base_data in reversed(bases):
+        _merge(raw, {k: v for k, v in base_data.items() if k != "name"}, str(base))
     _merge(raw, data, str(path))
     for text in overrides:
         _merge(raw, _override(text), f"override {text!r}")
@@ -376,7 +429,8 @@ def load_config(path, overrides: Sequence[str] = ()) -> Config:
 
 
 def dump_config(config: Config) -> str:
-    """``config`` as YAML (name, model, task, optim, train) that load_config reads back."""
+    """``config`` as YAML that load_config reads back: every key (name, model, task, optim,
+    train), resolved, with no ``base`` (what a run directory keeps as its config.yaml)."""
     text = yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
     return f"# resolved config of run {config.name!r}, written by jaxattn\n{text}"
 

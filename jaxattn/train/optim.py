@@ -3,15 +3,22 @@
 Schedules are Optax schedules: callables from the optimizer's step count (0 on the first
 update, an int or an int32 array) to a float32 learning rate. Under gradient accumulation
 the count is the number of *updates*, not of micro-batches.
+
+The ``optim`` config is validated where it is loaded (:mod:`jaxattn.train.config`, which
+takes the schedule names from :data:`SCHEDULES`); the functions here check only the plain
+arguments a caller passes them directly (shapes, step counts, fractions).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxattn.train.config import OptimConfig
+if TYPE_CHECKING:  # the config imports this module for SCHEDULES
+    from jaxattn.train.config import OptimConfig
 
 __all__ = [
     "SCHEDULES",
@@ -24,9 +31,6 @@ __all__ = [
     "warmup_cosine_schedule",
     "warmup_rsqrt_schedule",
 ]
-
-SCHEDULES = ("noam", "warmup_cosine", "warmup_rsqrt", "warmup_constant")
-
 
 # --------------------------------------------------------------------------------------------
 # Loss and accuracy
@@ -198,18 +202,22 @@ def make_schedule(optim: OptimConfig, *, d_model: int, total_steps: int) -> opta
     (its peak is ``learning_rate * (d_model * warmup_steps)**-0.5``). ``total_steps`` counts
     optimizer updates (micro-batches / ``accumulate_steps``); only ``warmup_cosine`` uses it.
     """
-    lr, warmup = optim.learning_rate, optim.warmup_steps
-    if optim.schedule == "noam":
-        return noam_schedule(d_model, warmup, scale=lr)
-    if optim.schedule == "warmup_cosine":
-        return warmup_cosine_schedule(lr, warmup, total_steps)
-    if optim.schedule == "warmup_rsqrt":
-        return warmup_rsqrt_schedule(lr, warmup)
-    if optim.schedule == "warmup_constant":
-        return warmup_constant_schedule(lr, warmup)
-    raise ValueError(
-        f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {optim.schedule!r}"
-    )
+    build = _SCHEDULE_BUILDERS.get(optim.schedule)
+    if build is None:  # an OptimConfig built by hand, not loaded
+        raise ValueError(
+            f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {optim.schedule!r}"
+        )
+    return build(optim.learning_rate, optim.warmup_steps, d_model, total_steps)
+
+
+# optim.schedule -> its builder from (learning_rate, warmup_steps, d_model, total_steps).
+_SCHEDULE_BUILDERS = {
+    "noam": lambda lr, warmup, d_model, _total: noam_schedule(d_model, warmup, scale=lr),
+    "warmup_cosine": lambda lr, warmup, _d, total: warmup_cosine_schedule(lr, warmup, total),
+    "warmup_rsqrt": lambda lr, warmup, _d, _total: warmup_rsqrt_schedule(lr, warmup),
+    "warmup_constant": lambda lr, warmup, _d, _total: warmup_constant_schedule(lr, warmup),
+}
+SCHEDULES = tuple(_SCHEDULE_BUILDERS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +236,6 @@ def make_optimizer(
     the inner optimizer on the ``k``-th (so the schedule advances once per ``k`` calls).
     ``total_steps`` counts optimizer updates, as in :func:`make_schedule`.
     """
-    _check_int("optim.accumulate_steps", optim.accumulate_steps, 1)
     schedule = make_schedule(optim, d_model=d_model, total_steps=total_steps)
     clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity()
     tx = optax.chain(

@@ -1,6 +1,7 @@
 """Synthetic sequence tasks, drawn on device from a PRNG key.
 
-Every task with length ``L`` (``task.length``) lays out one sequence of ``2L + 2`` tokens::
+Every task with length ``L`` (``task.length``) lays out one sequence of ``2L + 2`` tokens
+(:func:`sequence_length`, the one place that counts them)::
 
     BOS x1 .. xL SEP y1 .. yL
 
@@ -20,17 +21,20 @@ Token ids: ``PAD = 0`` (never produced here; reserved for padded batches), ``BOS
 ``SEP = 2``, symbols ``3 .. vocab_size - 1``.
 
 The task config is static (a frozen, hashable dataclass) and so is the batch size, so
-``jax.jit(make_batch, static_argnums=(0, 2))`` compiles one program per task and size.
+``jax.jit(make_batch, static_argnums=(0, 2))`` compiles one program per task and size. The
+config's fields are validated where it is loaded (:mod:`jaxattn.train.config`, which takes
+the task names from :data:`TASKS`), not here.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxattn.train.config import TaskConfig
+if TYPE_CHECKING:  # the config imports this module for TASKS
+    from jaxattn.train.config import TaskConfig
 
 __all__ = [
     "BOS",
@@ -44,10 +48,19 @@ __all__ = [
     "make_batch",
     "make_sequences",
     "prompt_length",
+    "sequence_length",
 ]
 
 PAD, BOS, SEP, FIRST_SYMBOL = 0, 1, 2, 3
-TASKS = ("copy", "reverse", "sort", "next_token")
+
+# task.name -> the answer y ``[B, L]`` of the symbols x ``[B, L]``.
+_ANSWERS = {
+    "copy": lambda x: x,
+    "reverse": lambda x: x[:, ::-1],
+    "sort": lambda x: jnp.sort(x, axis=1),
+    "next_token": lambda x: x,  # copy's sequences, every token scored (see _loss_mask_row)
+}
+TASKS = tuple(_ANSWERS)
 
 
 class Batch(NamedTuple):
@@ -64,21 +77,6 @@ class Batch(NamedTuple):
     loss_mask: jax.Array
 
 
-def _validate(task: TaskConfig) -> None:
-    if task.name not in TASKS:
-        raise ValueError(f"task.name must be one of {', '.join(TASKS)}; got {task.name!r}")
-    if isinstance(task.vocab_size, bool) or not isinstance(task.vocab_size, int):
-        raise ValueError(f"task.vocab_size must be an int, got {task.vocab_size!r}")
-    if task.vocab_size < FIRST_SYMBOL + 1:
-        # PAD, BOS and SEP take ids 0..2, so fewer than 4 ids leave no symbol to draw.
-        raise ValueError(
-            f"task.vocab_size must be >= {FIRST_SYMBOL + 1} (PAD, BOS, SEP and at least one "
-            f"symbol); got {task.vocab_size}"
-        )
-    if isinstance(task.length, bool) or not isinstance(task.length, int) or task.length < 1:
-        raise ValueError(f"task.length must be an int >= 1; got {task.length!r}")
-
-
 def _check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int (a static size), got {batch_size!r}")
@@ -87,14 +85,18 @@ def _check_batch_size(batch_size) -> int:
 
 def prompt_length(task: TaskConfig) -> int:
     """Tokens given to greedy decoding: ``BOS x1 .. xL SEP``, i.e. ``L + 2``."""
-    _validate(task)
     return task.length + 2
 
 
 def answer_length(task: TaskConfig) -> int:
     """Tokens greedy decoding must produce after the prompt: ``y1 .. yL``, i.e. ``L``."""
-    _validate(task)
     return task.length
+
+
+def sequence_length(task: TaskConfig) -> int:
+    """Tokens of a whole sequence ``BOS x SEP y``, ``2L + 2``: what ``model.max_len`` must
+    cover (the model is fed ``2L + 1`` of them, and greedy decoding all of them)."""
+    return prompt_length(task) + answer_length(task)
 
 
 def make_sequences(task: TaskConfig, key: jax.Array, batch_size: int) -> jax.Array:
@@ -103,15 +105,12 @@ def make_sequences(task: TaskConfig, key: jax.Array, batch_size: int) -> jax.Arr
     ``key`` is a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``); the same key, task
     and batch size always give the same sequences.
     """
-    _validate(task)
-    b, length = _check_batch_size(batch_size), task.length
-    x = jax.random.randint(key, (b, length), FIRST_SYMBOL, task.vocab_size, dtype=jnp.int32)
-    if task.name == "reverse":
-        y = x[:, ::-1]
-    elif task.name == "sort":
-        y = jnp.sort(x, axis=1)
-    else:  # copy, next_token
-        y = x
+    answer = _ANSWERS.get(task.name)
+    if answer is None:  # a TaskConfig built by hand, not loaded
+        raise ValueError(f"task.name must be one of {', '.join(TASKS)}; got {task.name!r}")
+    b = _check_batch_size(batch_size)
+    x = jax.random.randint(key, (b, task.length), FIRST_SYMBOL, task.vocab_size, dtype=jnp.int32)
+    y = answer(x)
     bos = jnp.full((b, 1), BOS, jnp.int32)
     sep = jnp.full((b, 1), SEP, jnp.int32)
     return jnp.concatenate([bos, x, sep, y], axis=1)
@@ -119,13 +118,13 @@ def make_sequences(task: TaskConfig, key: jax.Array, batch_size: int) -> jax.Arr
 
 def _loss_mask_row(task: TaskConfig) -> jax.Array:
     """float32 ``[2L + 1]``: which target positions are scored."""
-    n = 2 * task.length + 1
+    n = sequence_length(task) - 1
     if task.name == "next_token":
         return jnp.ones((n,), jnp.float32)
-    # Target index t holds sequence position t + 1, and y1..yL sit at positions L+2..2L+1,
-    # so the answer is targets[L+1:]. Predicting x is impossible (it is random), and SEP
-    # is a constant, so only the answer is scored.
-    return (jnp.arange(n) >= task.length + 1).astype(jnp.float32)
+    # Target index t holds sequence position t + 1, and y1..yL follow the prompt, so the
+    # answer is targets[prompt_length - 1:] (= targets[L+1:]). Predicting x is impossible
+    # (it is random), and SEP is a constant, so only the answer is scored.
+    return (jnp.arange(n) >= prompt_length(task) - 1).astype(jnp.float32)
 
 
 def make_batch(task: TaskConfig, key: jax.Array, batch_size: int) -> Batch:
@@ -166,8 +165,4 @@ def eval_batch(task: TaskConfig) -> Batch:
     ``(vocab_size - 3) ** L``, is small, training batches will contain the same sequences
     by chance, and the held-out score then measures memorisation as much as generalisation.
     """
-    _validate(task)
-    size = task.eval_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"task.eval_size must be an int >= 1; got {size!r}")
-    return make_batch(task, seed_key(task.eval_seed), size)
+    return make_batch(task, seed_key(task.eval_seed), task.eval_size)

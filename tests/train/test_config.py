@@ -1,4 +1,4 @@
-"""Config loading, overrides, round trip, and the one-line error messages."""
+"""Config loading, base files, overrides, round trip, and the one-line error messages."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jaxattn.nn.layers import ACTIVATIONS, NORMS, POSITIONS
+from jaxattn.train import optim, tasks
 from jaxattn.train.config import (
     Config,
     ConfigError,
     ModelConfig,
-    TaskConfig,
     dump_config,
     load_config,
     run_dir_for,
@@ -52,25 +53,34 @@ def test_shipped_config_loads(path):
     config = load_config(path)
     assert isinstance(config, Config)
     assert config.name == path.stem
-    assert config.model.max_len >= 2 * config.task.length + 2
+    assert config.model.max_len >= tasks.sequence_length(config.task)
     assert run_dir_for(config) == Path("runs") / path.stem
     if path.stem != "tiny":
         assert config.task.name == path.stem
 
 
+def test_defaults_are_tiny():
+    """The dataclass defaults and tiny.yaml are one set of values: they cannot drift."""
+    assert load_config(TINY) == Config(name="tiny")
+    assert "base" not in yaml.safe_load(TINY.read_text())  # the root: it states every key
+
+
 def test_tiny_values():
     c = load_config(TINY)
-    assert c.model == ModelConfig(max_len=32)
-    assert c.task == TaskConfig(name="copy", length=10, vocab_size=16)
+    assert (c.model, c.model.max_len) == (ModelConfig(), 32)
+    assert (c.task.name, c.task.length, c.task.vocab_size) == ("copy", 10, 16)
     assert c.optim.learning_rate == pytest.approx(3e-3)
     assert c.optim.eps == pytest.approx(1e-9)
+    assert c.optim.label_smoothing == pytest.approx(0.1)
     assert (c.optim.schedule, c.optim.clip_norm) == ("warmup_cosine", 1.0)
-    assert (c.train.steps, c.train.target_exact_match, c.train.run_dir) == (1500, 1.0, None)
+    assert (c.train.steps, c.train.eval_every) == (1500, 50)
+    assert (c.train.target_exact_match, c.train.run_dir) == (1.0, None)
 
 
 def test_tiny_documents_every_field():
     text = TINY.read_text()
     assert "python train.py --config configs/tiny.yaml" in text
+    assert re.search(r"^# base: .*#", text, re.M)
     data = yaml.safe_load(text)
     for section, values in to_dict(Config()).items():
         if section == "name":
@@ -136,6 +146,118 @@ def test_exponent_floats_in_file(tmp_path):
     assert config.optim.eps == pytest.approx(1e-8)
 
 
+# --------------------------------------------------------------------------------- base files
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p != TINY], ids=lambda p: p.stem)
+def test_shipped_configs_state_only_what_differs_from_tiny(path):
+    data = yaml.safe_load(path.read_text())
+    assert data.pop("base") == "tiny.yaml"
+    tiny = to_dict(load_config(TINY))
+    for section, values in data.items():
+        for key, value in values.items():
+            assert value != tiny[section][key], f"{path.name} repeats tiny's {section}.{key}"
+
+
+def test_base_then_file_then_overrides(tmp_path):
+    write(tmp_path, "model:\n  d_model: 32\ntrain:\n  steps: 7\n  seed: 3\n", "base.yaml")
+    path = write(tmp_path, "base: base.yaml\ntrain:\n  steps: 8\n")
+    config = load_config(path)
+    assert (config.model.d_model, config.train.steps, config.train.seed) == (32, 8, 3)
+    assert config.train.eval_every == Config().train.eval_every  # set nowhere: the default
+    config = load_config(path, ["train.steps=9", "train.seed=4"])
+    assert (config.model.d_model, config.train.steps, config.train.seed) == (32, 9, 4)
+
+
+def test_nested_bases_are_relative_to_the_file_naming_them(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write(tmp_path / "a", "optim:\n  warmup_steps: 3\ntrain:\n  seed: 5\n", "grand.yaml")
+    write(tmp_path / "b", "base: ../a/grand.yaml\ntrain:\n  seed: 6\n", "parent.yaml")
+    path = write(tmp_path, "base: b/parent.yaml\ntask:\n  length: 4\n")
+    monkeypatch.chdir(tmp_path / "a")  # not the folder of any of them
+    config = load_config(path)
+    assert (config.optim.warmup_steps, config.train.seed, config.task.length) == (3, 6, 4)
+
+
+def test_name_is_the_given_files_own(tmp_path):
+    write(tmp_path, "name: basename\ntrain:\n  seed: 1\n", "base.yaml")
+    assert load_config(tmp_path / "base.yaml").name == "basename"
+    assert load_config(write(tmp_path, "base: base.yaml\n", "child.yaml")).name == "child"
+    assert load_config(write(tmp_path, "base: base.yaml\nname: mine\n")).name == "mine"
+    assert load_config(tmp_path / "child.yaml", ["name=cli"]).name == "cli"
+
+
+def test_null_base_is_no_base(tmp_path):
+    assert load_config(write(tmp_path, "base: null\n")) == Config(name="exp")
+
+
+def test_based_config_is_written_out_whole(tmp_path):
+    """A run directory's config.yaml is the resolved config, without base: it loads back
+    equal wherever it is copied, and equal to the config of the file that has a base."""
+    config = load_config(CONFIGS / "reverse.yaml", ["train.steps=100"])
+    path = write(tmp_path, dump_config(config), "config.yaml")
+    data = yaml.safe_load(path.read_text())
+    assert "base" not in data
+    assert {s: set(v) for s, v in data.items() if s != "name"} == {
+        s: set(v) for s, v in to_dict(Config()).items() if s != "name"
+    }
+    assert load_config(path) == config
+
+
+def test_base_cycle_is_refused_naming_it(tmp_path):
+    a = write(tmp_path, "base: b.yaml\n", "a.yaml")
+    b = write(tmp_path, "base: a.yaml\n", "b.yaml")
+    assert error(a) == f"config files name each other as base: {a} -> {b} -> {tmp_path / 'a.yaml'}"
+    self_based = write(tmp_path, "base: ./exp.yaml\n")
+    assert error(self_based) == (
+        f"config files name each other as base: {self_based} -> {tmp_path / './exp.yaml'}"
+    )
+
+
+def test_missing_base_is_refused(tmp_path):
+    path = write(tmp_path, "base: nope.yaml\n")
+    assert error(path) == f"{path}: base file not found: {tmp_path / 'nope.yaml'}"
+    (tmp_path / "dir.yaml").mkdir()
+    message = error(write(tmp_path, "base: dir.yaml\n"))
+    assert message.startswith(f"{path}: cannot read base file {tmp_path / 'dir.yaml'}: ")
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("5", "5 (int)"),
+        ("[a.yaml]", "['a.yaml'] (list)"),
+        ("{x: 1}", "{'x': 1} (dict)"),
+        ("''", "'' (str)"),
+        ("true", "true (bool)"),
+    ],
+)
+def test_base_of_the_wrong_type_is_refused(tmp_path, value, shown):
+    path = write(tmp_path, f"base: {value}\n")
+    message = error(path)
+    assert message.startswith(f"{path}: base must be the path of a config file")
+    assert message.endswith(f"got {shown}")
+
+
+def test_errors_in_a_base_name_the_base(tmp_path):
+    base = write(tmp_path, "- 1\n", "base.yaml")
+    path = write(tmp_path, "base: base.yaml\n")
+    assert error(path).startswith(f"{base} must be a mapping with keys base, name, model")
+    write(tmp_path, "model: 64\n", "base.yaml")
+    assert error(path).startswith(f"{base}: section 'model' must be a mapping")
+    write(tmp_path, "train:\n  steps: [1\n", "base.yaml")
+    assert error(path).startswith(f"invalid YAML in {base}: ")
+    write(tmp_path, "train:\n  setps: 1\n", "base.yaml")
+    assert error(path) == "unknown config key 'train.setps'; did you mean 'train.steps'?"
+
+
+def test_base_is_not_a_command_line_override():
+    message = error(TINY, ["base=other.yaml"])
+    assert message.startswith("override 'base=other.yaml': base is named only in a config file")
+    assert "did you mean 'base'?" in error(TINY, ["bsae=other.yaml"])
+
+
 # --------------------------------------------------------------------------------- round trip
 
 
@@ -174,7 +296,9 @@ def test_unknown_key_without_close_match(tmp_path):
     assert message.startswith("unknown config key 'train.zzz'; allowed keys in train: steps, ")
     assert "target_exact_match" in message and "progress" in message
     message = error(write(tmp_path, "qqqq: 1\n"))
-    expected = "unknown config key 'qqqq'; allowed top-level keys: name, model, task, optim, train"
+    expected = (
+        "unknown config key 'qqqq'; allowed top-level keys: base, name, model, task, optim, train"
+    )
     assert message == expected
     assert "unknown config key 'model.d_model.x'" in error(TINY, ["model.d_model.x=1"])
 
@@ -212,6 +336,11 @@ def test_wrong_type_in_file(tmp_path):
         ("train.steps=0", "train.steps must be >= 1; got 0"),
         ("model.d_model=-64", "model.d_model must be >= 1; got -64"),
         ("task.vocab_size=3", "task.vocab_size must be >= 4; got 3"),
+        ("task.vocab_size=0", "task.vocab_size must be >= 4; got 0"),
+        ("task.length=0", "task.length must be >= 1; got 0"),
+        ("task.length=-2", "task.length must be >= 1; got -2"),
+        ("task.eval_size=0", "task.eval_size must be >= 1; got 0"),
+        ("task.batch_size=0", "task.batch_size must be >= 1; got 0"),
         ("train.target_exact_match=1.5", "train.target_exact_match must be in [0, 1]; got 1.5"),
         ("model.dropout=1.0", "model.dropout must be in [0, 1); got 1.0"),
         ("optim.label_smoothing=-0.1", "optim.label_smoothing must be in [0, 1); got -0.1"),
@@ -248,6 +377,23 @@ def test_not_in_allowed_set(override, expected):
 
 
 @pytest.mark.parametrize(
+    ("key", "names"),
+    [
+        ("task.name", tasks.TASKS),
+        ("optim.schedule", optim.SCHEDULES),
+        ("model.positions", POSITIONS),
+        ("model.activation", tuple(ACTIVATIONS)),
+        ("model.norm", NORMS),
+    ],
+)
+def test_allowed_names_are_those_the_modules_implement(key, names):
+    assert f"must be one of {', '.join(names)}; got 'zzz'" in error(TINY, [f"{key}=zzz"])
+    section, leaf = key.split(".")
+    for name in names:
+        assert getattr(getattr(load_config(TINY, [f"{key}={name}"]), section), leaf) == name
+
+
+@pytest.mark.parametrize(
     ("overrides", "expected"),
     [
         (
@@ -261,8 +407,8 @@ def test_not_in_allowed_set(override, expected):
         ),
         (
             ["task.length=16"],
-            "model.max_len must be >= 2 * task.length + 2 = 34 (the sequence length of task"
-            " 'copy'); got 32",
+            "model.max_len must be >= 34, the sequence length of task 'copy' with"
+            " task.length=16; got 32",
         ),
         (
             ["model.positions=rotary", "model.d_model=36"],
@@ -317,7 +463,7 @@ def test_bad_yaml(tmp_path):
 
 def test_top_level_not_a_mapping(tmp_path):
     path = write(tmp_path, "- 1\n- 2\n")
-    assert error(path).startswith(f"{path} must be a mapping with keys name, model, task")
+    assert error(path).startswith(f"{path} must be a mapping with keys base, name, model, task")
 
 
 def test_section_not_a_mapping(tmp_path):

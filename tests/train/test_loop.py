@@ -10,7 +10,8 @@
   ``train.on_nonfinite=skip``, skips those updates and says how many in strict JSON;
 - ``train_loss`` does not depend on ``train.steps_per_call``;
 - a resume with another config, or of a run whose config.yaml was edited, is refused naming
-  the key, and changes nothing in the run directory.
+  the key, and changes nothing in the run directory; a config file with a base is compared
+  by its resolved values with the whole config.yaml of the run.
 
 Cost: every ``train`` call compiles its steps (seconds on CPU) and every ``train.py``
 subprocess imports JAX on top, so runs are short and share one reference: a 140-step run by
@@ -39,9 +40,9 @@ from flax import nnx
 
 from jaxattn.train import loop, tasks
 from jaxattn.train.checkpoints import Checkpoints, load_run
-from jaxattn.train.config import load_config
+from jaxattn.train.config import dump_config, load_config
 from jaxattn.train.loop import TrainingInterrupted, train
-from jaxattn.train.rundir import RunError
+from jaxattn.train.rundir import RunDir, RunError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -468,3 +469,19 @@ def test_resume_of_a_run_whose_config_yaml_was_edited_is_refused_naming_the_key(
     with pytest.raises(RunError, match=r"model\.num_heads is 2, but checkpoint 140 .*=4"):
         train(edited, resume=True, log=_quiet)
     assert _snapshot(run) == before
+
+
+def test_resume_compares_a_config_with_a_base_by_its_resolved_values(tmp_path):
+    """A run's config.yaml is the whole resolved config, the file it was started from states
+    only what differs from its base: resuming from that file again compares equal, and a
+    changed value (one the base sets) is named. No training: the check alone."""
+    reverse = ROOT / "configs" / "reverse.yaml"
+    (tmp_path / "config.yaml").write_text(
+        dump_config(load_config(reverse, [f"train.run_dir={tmp_path}"]))
+    )
+    run = RunDir(tmp_path, existed=True, lock_file=None)
+    loop._check_resumable(run, load_config(reverse, [f"train.run_dir={tmp_path}"]))
+    with pytest.raises(RunError, match=r"optim\.label_smoothing is 0\.1 here but 0\.0 in the run"):
+        loop._check_resumable(run, load_config(reverse, ["optim.label_smoothing=0.1"]))
+    with pytest.raises(RunError, match=r"model\.d_model is 32 here but 64 in the run"):
+        loop._check_resumable(run, load_config(reverse, ["model.d_model=32"]))

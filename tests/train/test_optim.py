@@ -256,7 +256,13 @@ def test_make_schedule_dispatches(name, reference):
     np.testing.assert_allclose(values(sched), values(reference()), rtol=1e-6)
 
 
+def test_schedule_names():
+    assert optim.SCHEDULES == ("noam", "warmup_cosine", "warmup_rsqrt", "warmup_constant")
+
+
 def test_unknown_schedule_lists_allowed_names():
+    # Loaded configs are validated (tests/train/test_config.py); this is an OptimConfig
+    # built by hand.
     config = OptimConfig(schedule="cosine")
     pattern = (
         r"optim\.schedule must be one of noam, warmup_cosine, warmup_rsqrt, warmup_constant; "

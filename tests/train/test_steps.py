@@ -88,7 +88,7 @@ def test_run_directory_contents_and_load_run_round_trip(tmp_path):
     # The restored model is the trained one: same logits as the state the run ended with.
     prompts = tasks.eval_batch(config.task).inputs[:4, : tasks.prompt_length(config.task)]
     out = generate(model, prompts, tasks.answer_length(config.task))
-    assert out.shape == (4, tasks.prompt_length(config.task) + tasks.answer_length(config.task))
+    assert out.shape == (4, tasks.sequence_length(config.task))
     fresh = build_model(config)
     assert not np.allclose(
         nnx.state(model, nnx.Param)["final_norm"]["scale"].get_value(),
