@@ -169,6 +169,7 @@ class MaskSpec:
 
     _fields: tuple[str, ...] = ()  # per-sequence values: leaves when arrays, static when ints
     _static_fields: tuple[str, ...] = ("_batch",)
+    __array_ufunc__ = None  # `np_array & mask` defers to __rand__ (the one-line error)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -223,7 +224,7 @@ class MaskSpec:
         """
         q_len, kv_len = _check_size("q_len", q_len), _check_size("kv_len", kv_len)
         n = math.prod(self._batch)
-        small = (n if self._batch else 1) * q_len * kv_len <= _CONSTANT_MAX_ELEMENTS
+        small = n * q_len * kv_len <= _CONSTANT_MAX_ELEMENTS
         xp = np if self.is_static() and small else jnp
         # Every index has rank 3 (b, t, s): one rank throughout, no implicit rank promotion.
         q_idx = xp.arange(q_len, dtype=np.int32).reshape(1, q_len, 1)
@@ -242,14 +243,24 @@ class MaskSpec:
     def __or__(self, other):
         return _Combined("or", (self, _check_spec(other)))
 
+    def __rand__(self, other):
+        return _check_spec(other) & self
+
+    def __ror__(self, other):
+        return _check_spec(other) | self
+
+    def _arguments(self) -> dict:
+        """The constructor's arguments, for ``repr``."""
+        names = [f for f in (*self._fields, *self._static_fields) if not f.startswith("_")]
+        return {f: getattr(self, f) for f in names}
+
     def __repr__(self):
         def show(value):
-            if _is_array(value):
+            if hasattr(value, "dtype") and hasattr(value, "shape"):  # never the contents
                 return f"<{value.dtype} {list(value.shape)}>"
             return repr(value)
 
-        names = [f for f in (*self._fields, *self._static_fields) if not f.startswith("_")]
-        args = ", ".join(f"{f}={show(getattr(self, f))}" for f in names)
+        args = ", ".join(f"{k}={show(v)}" for k, v in self._arguments().items())
         return f"{type(self).__name__}({args})"
 
 
@@ -305,6 +316,9 @@ class SlidingWindowMask(MaskSpec):
     def __init__(self, window, *, offset=None):
         self.left, self.right = _window_pair(window)
         self.offset, self._batch = _per_sequence("offset", offset, 0)
+
+    def _arguments(self):
+        return {"window": (self.left, self.right), "offset": self.offset}
 
     def allowed(self, q_idx, k_idx, b, q_len, kv_len):
         pos = q_idx + _at(_flat(_offset(self.offset, q_len, kv_len), 0), b)
@@ -477,6 +491,9 @@ class SegmentMask(MaskSpec):
             raise ValueError(f"q_segment_ids has batch shape {qb} but kv_segment_ids has {kb}")
         self._batch = qb
 
+    def _arguments(self):
+        return {"q_segment_ids": self.q_ids, "kv_segment_ids": self.kv_ids}
+
     def _check_lengths(self, q_len, kv_len):
         _check_length("q_segment_ids", self.q_ids, q_len)
         _check_length("kv_segment_ids", self.kv_ids, kv_len)
@@ -556,4 +573,4 @@ class _Combined(MaskSpec):
         return self._reduce(anys), self._reduce(alls)
 
     def __repr__(self):
-        return f" {self.op} ".join(repr(p) for p in self.parts).join("()")
+        return f" {'&' if self.op == 'and' else '|'} ".join(repr(p) for p in self.parts).join("()")

@@ -24,6 +24,13 @@ settings.register_profile(
 settings.load_profile("jaxattn")
 
 
+# Jitted: run eagerly, every jnp op of the formula would compile on its own for each new shape.
+_reference64 = jax.jit(
+    reference.dot_product_attention,
+    static_argnames=("is_causal", "return_weights", "dropout_rate"),
+)
+
+
 def reference_attention(q, k, v, mask=None, bias=None, scale=None, **kwargs):
     """The oracle: :func:`jaxattn.reference.dot_product_attention` run in float64.
 
@@ -35,9 +42,7 @@ def reference_attention(q, k, v, mask=None, bias=None, scale=None, **kwargs):
         q, k, v = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v))
         if bias is not None:
             bias = jnp.asarray(np.asarray(bias, np.float64))
-        out, weights = reference.dot_product_attention(
-            q, k, v, mask, bias, scale=scale, return_weights=True, **kwargs
-        )
+        out, weights = _reference64(q, k, v, mask, bias, scale=scale, return_weights=True, **kwargs)
         return np.asarray(out), np.asarray(weights)
 
 

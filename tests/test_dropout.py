@@ -1,13 +1,16 @@
 """Attention dropout: the hashed keep mask, and dot_product_attention with it on both paths
-against a float64 oracle that applies the same mask (values and gradients)."""
+against the float64 reference (jaxattn.reference), which applies the same mask (values and
+gradients)."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import qkv, reference_attention_jnp
+from conftest import qkv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -77,7 +80,7 @@ def test_mask_does_not_depend_on_the_lengths_around_a_position():
 # dot_product_attention with dropout
 
 IMPLS = {
-    "reference": {"implementation": "reference"},
+    "xla": {"implementation": "xla"},
     "flash_2x3": {"implementation": "flash", "block_sizes": (2, 3)},
     "flash_4x2": {"implementation": "flash", "block_sizes": (4, 2)},
 }
@@ -93,10 +96,10 @@ CASES = {
 
 def _mask(kind, batch, t, s):
     if kind == "causal":
-        return ja.causal_mask(t, s)
+        return ja.CausalMask()
     if kind == "padding":
-        lengths = jnp.arange(int(np.prod(batch))) * 4  # 0: a sequence with no key at all
-        return ja.padding_mask(kv_lengths=lengths, kv_len=s).reshape((*batch, 1, 1, s))
+        lengths = (jnp.arange(int(np.prod(batch))) * 4).reshape(batch)  # 0: no key at all
+        return ja.PaddingMask(kv_lengths=lengths)
     return jnp.ones((t, s), bool)
 
 
@@ -109,7 +112,6 @@ def test_values_and_gradients_match_float64_oracle(case, impl):
     with jax.enable_x64(True):
         q, key, v = (jnp.asarray(x) for x in qkv(rng, batch, t, s, n, k, h, hv, np.float64))
         mask = _mask(kind, batch, t, s)
-        keep = ja.attention_dropout_mask(KEY, rate, batch, n, t, s)
         ct = jnp.asarray(rng.standard_normal((*batch, t, n, hv)))
 
         def ours(q, key, v):
@@ -118,15 +120,22 @@ def test_values_and_gradients_match_float64_oracle(case, impl):
             )
 
         def ref(q, key, v):
-            return reference_attention_jnp(q, key, v, mask, keep=keep, rate=rate)[0]
+            return ja.reference.dot_product_attention(
+                q, key, v, mask, dropout_rate=rate, dropout_key=KEY
+            )
 
-        np.testing.assert_allclose(ours(q, key, v), ref(q, key, v), atol=1e-12)
-        g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * ct), argnums=(0, 1, 2))(q, key, v)
-        g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * ct), argnums=(0, 1, 2))(q, key, v)
+        @functools.partial(jax.jit, static_argnums=0)  # values and gradients: one compile
+        def value_and_grads(fn, q, key, v):
+            out, vjp = jax.vjp(fn, q, key, v)
+            return out, vjp(ct)
+
+        out, g_ours = value_and_grads(ours, q, key, v)
+        ref_out, g_ref = value_and_grads(ref, q, key, v)
+        np.testing.assert_allclose(out, ref_out, atol=1e-12)
         for name, a, b in zip(("query", "key", "value"), g_ours, g_ref, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-11, err_msg=name)
         if kind == "padding":  # the first sequence sees no key: zeros, zero gradients
-            np.testing.assert_array_equal(ours(q, key, v)[0], 0.0)
+            np.testing.assert_array_equal(out[0], 0.0)
             np.testing.assert_array_equal(g_ours[0][0], 0.0)
 
 
@@ -151,7 +160,7 @@ def test_flash_drops_the_same_weights_for_any_block_sizes(bq, bk):
     rng = np.random.default_rng(2)
     q, key, v = qkv(rng, (2,), 7, 9, 4, 2, 8)
     kw = {"is_causal": True, "dropout_rate": 0.5, "dropout_key": KEY}
-    ref = ja.dot_product_attention(q, key, v, implementation="reference", **kw)
+    ref = ja.dot_product_attention(q, key, v, implementation="xla", **kw)
     out = ja.dot_product_attention(q, key, v, implementation="flash", block_sizes=(bq, bk), **kw)
     np.testing.assert_allclose(out, ref, atol=2e-6)
 
@@ -161,7 +170,7 @@ def test_low_precision_inputs_with_dropout(dtype):
     rng = np.random.default_rng(3)
     q, key, v = (x.astype(dtype) for x in qkv(rng, (2,), 16, 16, 4, 2, 8))
     kw = {"is_causal": True, "dropout_rate": 0.2, "dropout_key": KEY}
-    ref = ja.dot_product_attention(q, key, v, implementation="reference", **kw)
+    ref = ja.dot_product_attention(q, key, v, implementation="xla", **kw)
     out = ja.dot_product_attention(q, key, v, implementation="flash", block_sizes=(4, 4), **kw)
     assert out.dtype == dtype
     np.testing.assert_allclose(

@@ -30,10 +30,11 @@ def _sum_to(x, shape):
 
 
 def oracle(q, k, v, mask=None, bias=None, scale=None, d_out=None):
-    """softmax(Q K^T * scale + bias, masked) V and its gradients in float64 NumPy, from the
-    formulas (independent of the package; the forward is conftest's reference). A -inf bias
-    entry masks its pair; a row with no visible key gives 0. Returns out, or
-    (out, (dq, dk, dv, d_bias)) for a cotangent."""
+    """softmax(Q K^T * scale + bias, masked) V and its gradients in float64: the forward is
+    conftest's oracle (jaxattn.reference in float64, itself checked against a NumPy formula in
+    test_reference.py), the gradients are written out here in NumPy, independent of the
+    package. A -inf bias entry masks its pair; a row with no visible key gives 0. Returns out,
+    or (out, (dq, dk, dv, d_bias)) for a cotangent."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     n, kh = q.shape[-2], k.shape[-2]
     g = n // kh
@@ -269,9 +270,9 @@ def test_fully_masked_rows_give_exact_zeros_in_output_and_gradients():
 #
 # NaN is put in the keys/values (or queries) that only empty blocks hold. Any computation
 # that reads them gives NaN, even where the mask hides them: a hidden key has weight exactly 0,
-# but 0 * NaN = NaN in the P V matmul (and NaN logits in dQ = dS K, dK = dS^T Q). The reference
-# path, which multiplies the whole [T, S] weights by V, returns NaN on these inputs (the oracle
-# below shows it); the flash path must return the clean result because it never reads them.
+# but 0 * NaN = NaN in the P V matmul (and NaN logits in dQ = dS K, dK = dS^T Q). The xla
+# path, which multiplies the whole [T, S] weights by V, returns NaN on these inputs (so does
+# the oracle below); the flash path must return the clean result because it never reads them.
 
 
 def _poison_keys(key, v, hidden):
@@ -460,12 +461,12 @@ def _uses_loops(**kwargs):
     return "while" in str(jaxpr)
 
 
-def test_default_implementation_uses_reference_for_small_and_flash_for_large():
+def test_default_implementation_uses_xla_for_small_and_flash_for_large():
     rng = np.random.default_rng(5)
     q, key, v = qkv(rng, (2,), 6, 6, 2, 2, 8)
     default = ja.dot_product_attention(q, key, v, is_causal=True)
-    reference = ja.dot_product_attention(q, key, v, is_causal=True, implementation="reference")
-    np.testing.assert_array_equal(default, reference)
+    xla = ja.dot_product_attention(q, key, v, is_causal=True, implementation="xla")
+    np.testing.assert_array_equal(default, xla)
     assert not _uses_loops(t=6)
     assert _uses_loops(t=6, implementation="flash")  # the probe does see the flash path
     side = int(np.sqrt(FLASH_MIN_PAIRS))
@@ -473,7 +474,7 @@ def test_default_implementation_uses_reference_for_small_and_flash_for_large():
     assert _uses_loops(t=side) and not _uses_loops(t=side - 1)
 
 
-def test_return_weights_needs_the_reference_path():
+def test_return_weights_needs_the_xla_path():
     q = np.zeros((1, 4, 1, 8), np.float32)
     with pytest.raises(ValueError, match="return_weights"):
         ja.dot_product_attention(q, q, q, return_weights=True, implementation="flash")
@@ -529,7 +530,7 @@ def test_flash_memory_is_far_below_materialised_logits():
     t = 2048
     x = jax.ShapeDtypeStruct((1, t, 1, 16), jnp.float32)
     flash_mem = _fwd_bwd((128, 128)).lower(x, x, x, x).compile().memory_analysis()
-    ref_mem = _fwd_bwd(None, "reference").lower(x, x, x, x).compile().memory_analysis()
+    ref_mem = _fwd_bwd(None, "xla").lower(x, x, x, x).compile().memory_analysis()
     if flash_mem is None or ref_mem is None:
         pytest.skip("this backend reports no memory analysis")
     logits_bytes = t * t * 4
