@@ -180,6 +180,15 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def xla_attention(query, key, value, mask, bias, scale, return_weights, empty_rows, drop, dims):
+    """Dense attention on validated inputs (see :func:`jaxattn.dot_product_attention`).
+
+    ``mask`` is a bool array or None (masks of :mod:`jaxattn.masks` are materialised by the
+    caller), ``bias`` a float array or None, both broadcastable to ``[..., N, T, S]``;
+    ``scale`` a scalar of the accumulation dtype; ``empty_rows`` False when no row can be
+    fully masked (skips the guard that zeroes such rows); ``drop`` is ``(rate, seed words)``;
+    ``dims`` the ``(batch, T, S, N, K, G, H, Hv)`` of the input checks. Returns
+    ``[..., T, N, Hv]`` in the input dtype, and the weights ``[..., N, T, S]`` if asked for.
+    """
     batch, t, s, n, k, g, _, _ = dims
     nb = len(batch)
     qf = _fold_queries(query, k, g)
