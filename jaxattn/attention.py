@@ -108,7 +108,12 @@ def _check_inputs(query, key, value, mask, bias, implementation):
             raise ValueError(f"bias must be a floating array, got dtype {bias_dtype}")
         _check_broadcast("bias", bias.shape, target)
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        hint = " (the dense path is now named 'xla', as in jax.nn)" * (
+            implementation == "reference"
+        )
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}{hint}"
+        )
     return batch, t, s, n, k, n // k, h, hv
 
 

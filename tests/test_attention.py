@@ -431,6 +431,10 @@ Z = np.zeros
             {"implementation": "fastest"},
             "implementation must be one of (None, 'xla', 'flash', 'cudnn'), got 'fastest'",
         ),
+        (
+            {"implementation": "reference"},
+            "got 'reference' (the dense path is now named 'xla', as in jax.nn)",
+        ),
     ],
 )
 def test_error_messages(overrides, message):
