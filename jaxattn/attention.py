@@ -108,9 +108,9 @@ def _check_inputs(query, key, value, mask, bias, implementation):
             raise ValueError(f"bias must be a floating array, got dtype {bias_dtype}")
         _check_broadcast("bias", bias.shape, target)
     if implementation not in IMPLEMENTATIONS:
-        hint = " (the dense path is now named 'xla', as in jax.nn)" * (
-            implementation == "reference"
-        )
+        hint = ""
+        if implementation == "reference":  # the dense path's name before it took jax.nn's
+            hint = " (the dense path is now named 'xla', as in jax.nn)"
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}{hint}"
         )
@@ -302,13 +302,11 @@ def dot_product_attention(
     # Only a user mask, a bias (-inf entries) or causal attention with more queries than keys
     # can leave a query row with no key at all.
     empty_rows = mask is not None or bias is not None or (is_causal and t > s)
-    if is_causal:
-        if isinstance(mask, MaskSpec) or mask is None:
-            mask = CausalMask() if mask is None else mask & CausalMask()
-        else:
-            mask = _and(mask, CausalMask().materialize(t, s))
     if isinstance(mask, MaskSpec):
         mask = mask.materialize(t, s)
+    if is_causal:
+        causal = CausalMask().materialize(t, s)
+        mask = causal if mask is None else _and(mask, causal)
     drop = (rate, seed)
     return xla_attention(
         query, key, value, mask, bias, scale, return_weights, empty_rows, drop, dims

@@ -67,9 +67,11 @@ def dot_product_attention(
         logits = logits + jnp.broadcast_to(bias, logits.shape)
     if isinstance(mask, MaskSpec):
         mask = mask.materialize(t, s)
-    for m in (mask, CausalMask().materialize(t, s) if is_causal else None):
-        if m is not None:
-            logits = jnp.where(jnp.broadcast_to(m, logits.shape), logits, -jnp.inf)
+    if mask is not None:  # a masked key gets logit -inf, so weight exp(-inf) = 0
+        logits = jnp.where(jnp.broadcast_to(mask, logits.shape), logits, -jnp.inf)
+    if is_causal:
+        causal = jnp.broadcast_to(CausalMask().materialize(t, s), logits.shape)
+        logits = jnp.where(causal, logits, -jnp.inf)
     seen = jnp.any(logits != -jnp.inf, axis=-1, keepdims=True)  # rows with a key (or a NaN)
     weights = jax.nn.softmax(jnp.where(seen, logits, 0.0), axis=-1) * seen
     if dropout_rate:
