@@ -28,7 +28,7 @@ WIDTHS = (4, 2, 1)
 class Geo(NamedTuple):
     """Static geometry: flattened batch, true lengths T and S (the arrays are padded to
     ``nq * bq`` and ``nk * bk``), key heads, group size, head dims, block sizes and counts,
-    and the dropout rate (0 for none)."""
+    the dropout rate (0 for none) and the logit soft cap (None for none)."""
 
     b: int
     t: int
@@ -42,6 +42,7 @@ class Geo(NamedTuple):
     nq: int
     nk: int
     rate: float = 0.0
+    cap: float | None = None
 
 
 def classify(geo: Geo, spec, dense_mask):

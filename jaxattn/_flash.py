@@ -205,6 +205,8 @@ def _forward(geo: Geo, masking: _Masking, q, k, v, scale):
             k0, cols = j * geo.bk, width * geo.bk
             kb, vb = _keys(k, b, k0, cols, z * hb, hb), _keys(v, b, k0, cols, z * hb, hb)
             s = jnp.einsum("ZRH,ZCH->ZRC", qs, kb, preferred_element_type=acc)  # logits
+            if geo.cap:
+                s = geo.cap * jnp.tanh(s / geo.cap)
             s = _masked_logits(s, geo, masking, b, head0, hb * geo.g, q0, geo.bq, k0, cols, partial)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
@@ -222,7 +224,8 @@ def _forward(geo: Geo, masking: _Masking, q, k, v, scale):
         )
         m, run_sum, o = walk(sched, b if per_batch else 0, i, branches(visit, geo.nk), init)
         # m == fill: the row saw no key (the sum is >= 1 otherwise: exp(m - m) = 1 is in it).
-        seen = m > fill
+        # A NaN logit makes m NaN, which is not == fill: the row's NaN reaches its output.
+        seen = m != fill
         o = jnp.where(seen[..., None], o / run_sum[..., None], 0.0)
         row_lse = jnp.where(seen, m + jnp.log(run_sum), jnp.inf)
         o = o.astype(out.dtype).reshape(hb * rows, geo.hv)
@@ -260,8 +263,9 @@ def _bias_cotangent(d_bias, ds, geo, b, head0, heads, q0, rows, k0):
     return _add_block(d_bias, blk, (*start, k0 if sx > 1 else 0))
 
 
-def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
-    """Gradients of the padded inputs: (dq, dk, dv, d_bias or None, d_scale)."""
+def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, d_lse, scale):
+    """Gradients of the padded inputs: (dq, dk, dv, d_bias or None, d_scale). ``d_lse`` is
+    the cotangent of the log-sum-exp (``d lse / d logits = P``, so it shifts ``delta``)."""
     acc = acc_dtype(q.dtype)
     cls = classify(geo, masking.spec, masking.mask)
     sched = schedule(jnp.swapaxes(jnp.asarray(cls), -1, -2))  # per key block: query blocks
@@ -270,6 +274,7 @@ def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
     groups, heads = geo.k // hb, hb * geo.g
     # rowsum(dP * P) = rowsum(dO * O): one pass over O instead of one per block.
     delta = jnp.swapaxes(jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1), 1, 2)
+    delta = delta - d_lse.astype(acc)
 
     def key_block(r, carry):
         dq, dk, dv, d_bias = carry
@@ -291,6 +296,10 @@ def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
             # axis of its left operand, XLA:CPU's fast form (a transposed left operand was
             # measured 2.5x slower); the one left, for dQ, gets an explicit transpose.
             s_t = jnp.einsum("ZCH,ZRH->ZCR", kb, qs, preferred_element_type=acc)  # logits^T
+            th = None
+            if geo.cap:
+                th = jnp.tanh(s_t / geo.cap)
+                s_t = geo.cap * th
             s_t = _masked_logits(
                 s_t, geo, masking, b, head0, heads, q0, rows, k0, geo.bk, partial, True
             )
@@ -313,6 +322,8 @@ def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
             if d_bias is not None:
                 ds = jnp.swapaxes(ds_t, -1, -2)
                 d_bias = _bias_cotangent(d_bias, ds, geo, b, head0, heads, q0, rows, k0)
+            if th is not None:  # through the soft cap: d(c tanh(x / c)) / dx = 1 - tanh^2
+                ds_t = ds_t * (1.0 - th * th)
             ds_t = ds_t.astype(q.dtype)
             dkj = dkj + jnp.einsum("ZCR,ZRH->ZCH", ds_t, qs, preferred_element_type=acc)
             dq_blk = jnp.einsum("ZRC,ZCH->ZRH", transposed(ds_t), kb, preferred_element_type=acc)
@@ -346,18 +357,20 @@ def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(geo, q, k, v, spec, mask, bias, scale, seed):
-    return _forward(geo, _Masking(spec, mask, bias, seed), q, k, v, scale)[0]
+    """``(out [B, Tp, N, Hv], lse [B, N, Tp])``; lse is +inf on rows with no key."""
+    return _forward(geo, _Masking(spec, mask, bias, seed), q, k, v, scale)
 
 
 def _flash_fwd(geo, q, k, v, spec, mask, bias, scale, seed):
     out, lse = _forward(geo, _Masking(spec, mask, bias, seed), q, k, v, scale)
-    return out, (q, k, v, spec, mask, bias, scale, seed, out, lse)
+    return (out, lse), (q, k, v, spec, mask, bias, scale, seed, out, lse)
 
 
-def _flash_bwd(geo, residuals, d_out):
+def _flash_bwd(geo, residuals, cotangents):
     q, k, v, spec, mask, bias, scale, seed, out, lse = residuals
+    d_out, d_lse = cotangents
     masking = _Masking(spec, mask, bias, seed)
-    dq, dk, dv, d_bias, d_scale = _backward(geo, masking, q, k, v, out, lse, d_out, scale)
+    dq, dk, dv, d_bias, d_scale = _backward(geo, masking, q, k, v, out, lse, d_out, d_lse, scale)
     d_spec = jax.tree_util.tree_map(_zero_cotangent, spec)
     d_mask = None if mask is None else _zero_cotangent(mask)
     d_bias = None if bias is None else d_bias.astype(bias.dtype)
@@ -399,7 +412,18 @@ def _as_4d(x, batch, b: int, tp: int, sp: int, fill):
 
 
 def flash_attention(
-    query, key, value, *, spec, mask, bias, scale, block_q: int, block_k: int, dropout=(0.0, None)
+    query,
+    key,
+    value,
+    *,
+    spec,
+    mask,
+    bias,
+    scale,
+    block_q: int,
+    block_k: int,
+    cap=None,
+    drop=(0.0, None),
 ):
     """Blockwise attention on validated inputs (see :func:`jaxattn.dot_product_attention`).
 
@@ -410,11 +434,14 @@ def flash_attention(
       bias: float array broadcastable to ``[..., N, T, S]``, or None.
       scale: scalar in the accumulation dtype.
       block_q, block_k: block sizes (clipped to T and S).
-      dropout: ``(rate, seed)``: dropout on the weights (:mod:`jaxattn._dropout`), seed the
+      cap: the logit soft cap, or None.
+      drop: ``(rate, seed)``: dropout on the weights (:mod:`jaxattn._dropout`), seed the
         two words of :func:`jaxattn._dropout.seed_words`; ``(0.0, None)`` for none.
 
-    Returns ``[..., T, N, Hv]`` in the input dtype. Lengths that are not a multiple of the
-    block size are padded (a copy of the inputs); padded keys are masked.
+    Returns ``(out, lse)``: ``[..., T, N, Hv]`` in the input dtype and the log-sum-exp
+    ``[..., T, N]`` in the accumulation dtype (-inf on rows with no key). Lengths that are
+    not a multiple of the block size are padded (a copy of the inputs); padded keys are
+    masked.
     """
     batch = query.shape[:-3]
     t, n, h = query.shape[-3:]
@@ -425,13 +452,17 @@ def flash_attention(
     b = q.shape[0]
     bq, bk = min(block_q, t), min(block_k, s)
     nq, nk = -(-t // bq), -(-s // bk)
-    rate, seed = dropout
-    geo = Geo(b=b, t=t, s=s, k=kh, g=n // kh, h=h, hv=hv, bq=bq, bk=bk, nq=nq, nk=nk, rate=rate)
+    rate, seed = drop
+    geo = Geo(
+        b=b, t=t, s=s, k=kh, g=n // kh, h=h, hv=hv, bq=bq, bk=bk, nq=nq, nk=nk, rate=rate, cap=cap
+    )
     q = _pad_axis(q, 1, nq * bq)
     k, v = _pad_axis(k, 1, nk * bk), _pad_axis(v, 1, nk * bk)
     if mask is not None:
         mask = _as_4d(mask, batch, b, nq * bq, nk * bk, False)
     if bias is not None:
         bias = _as_4d(bias, batch, b, nq * bq, nk * bk, 0)
-    out = _flash(geo, q, k, v, spec, mask, bias, scale, seed)
-    return out[:, :t].reshape((*batch, t, n, hv))
+    out, lse = _flash(geo, q, k, v, spec, mask, bias, scale, seed)
+    lse = jnp.swapaxes(lse[:, :, :t], 1, 2)
+    lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)  # no key: the log of an empty sum
+    return out[:, :t].reshape((*batch, t, n, hv)), lse.reshape((*batch, t, n))

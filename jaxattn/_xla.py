@@ -49,12 +49,18 @@ def _unfold_queries(x, t: int):
     return x.reshape((*batch, t, k * (gt // t), hx))
 
 
-def _weights(qf, key, mask_g, bias_g, scale, t, empty_rows):
+def _weights(qf, key, mask_g, bias_g, scale, t, empty_rows, cap):
+    """Weights ``[..., K, G, T, S]``, the log-sum-exp ``[..., K, G, T, 1]`` and, under a soft
+    cap, its derivative ``1 - tanh^2`` (else None)."""
     acc = acc_dtype(qf.dtype)
     *batch, k, gt, _ = qf.shape
     s = key.shape[-3]
     logits = jnp.einsum("...KTH,...SKH->...KTS", qf, key, preferred_element_type=acc)
     logits = logits.reshape((*batch, k, gt // t, t, s)) * scale
+    d_cap = None
+    if cap:
+        th = jnp.tanh(logits / cap)
+        logits, d_cap = cap * th, 1.0 - th * th
     # Masked keys get a finite fill, far below any real logit, so that the row max is always
     # finite and exp(fill - max) is exactly 0 for a masked key in a row with a real one. A
     # -inf in the bias is clamped to the same fill: it masks like a False in `mask`. (A finite
@@ -66,13 +72,18 @@ def _weights(qf, key, mask_g, bias_g, scale, t, empty_rows):
         logits = jnp.where(jnp.broadcast_to(mask_g, logits.shape), logits, fill)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     p = jnp.exp(logits - row_max)
-    inv = 1.0 / jnp.sum(p, axis=-1, keepdims=True)  # the sum is >= 1: exp(max - max) = 1
+    total = jnp.sum(p, axis=-1, keepdims=True)  # >= 1: exp(max - max) = 1 is in it
+    inv = 1.0 / total
+    lse = row_max + jnp.log(total)
     if empty_rows:
         # A row whose every key is masked has max == fill: its weights are set to 0 (not
         # the uniform 1/S that exp(fill - fill) would give), so its output is 0 and its
-        # gradients are 0: never NaN, never a silent mean of V.
-        inv = jnp.where(row_max > fill, inv, 0.0)
-    return p * inv
+        # gradients are 0: never NaN, never a silent mean of V. Its log-sum-exp is -inf (the
+        # log of an empty sum). A NaN max is not == fill: NaN rows stay NaN.
+        seen = row_max != fill
+        inv = jnp.where(seen, inv, 0.0)
+        lse = jnp.where(seen, lse, -jnp.inf)
+    return p * inv, lse, d_cap
 
 
 def _weighted_sum(weights, value, t):
@@ -95,36 +106,41 @@ def _dropout_scale(seed, rate: float, shape, dtype):
     return dropout.scale_factor(seed, rate, *pos, dtype).reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _core(t, return_weights, empty_rows, rate, qf, key, value, mask_g, bias_g, scale, seed):
-    """Folded attention with the analytic backward.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _core(t, return_weights, empty_rows, rate, cap, qf, key, value, mask_g, bias_g, scale, seed):
+    """Folded attention with the analytic backward: ``(out, lse)`` or ``(out, lse, weights)``.
 
     Static: ``t`` (T), ``return_weights``, ``empty_rows`` (False when no row can be fully
     masked, which skips the guard that zeroes such rows), ``rate`` (dropout on the weights,
-    with ``seed`` the two words of :func:`jaxattn._dropout.seed_words`; 0 for none).
+    with ``seed`` the two words of :func:`jaxattn._dropout.seed_words`; 0 for none), ``cap``
+    (the logit soft cap, None for none).
     """
     args = (qf, key, value, mask_g, bias_g, scale, seed)
-    return _core_fwd(t, return_weights, empty_rows, rate, *args)[0]
+    return _core_fwd(t, return_weights, empty_rows, rate, cap, *args)[0]
 
 
-def _core_fwd(t, return_weights, empty_rows, rate, qf, key, value, mask_g, bias_g, scale, seed):
-    weights = _weights(qf, key, mask_g, bias_g, scale, t, empty_rows)
+def _core_fwd(
+    t, return_weights, empty_rows, rate, cap, qf, key, value, mask_g, bias_g, scale, seed
+):
+    weights, lse, d_cap = _weights(qf, key, mask_g, bias_g, scale, t, empty_rows, cap)
     used = weights  # the weights that multiply V: dropped and rescaled under dropout
     if rate:
         used = weights * _dropout_scale(seed, rate, weights.shape, weights.dtype)
     out = _weighted_sum(used, value, t)  # accumulation dtype
-    primal = (out, used) if return_weights else out
-    return primal, (qf, key, value, bias_g, scale, weights, out, seed)
+    primal = (out, lse, used) if return_weights else (out, lse)
+    return primal, (qf, key, value, bias_g, scale, weights, out, seed, d_cap)
 
 
-def _core_bwd(t, return_weights, empty_rows, rate, residuals, cotangent):
+def _core_bwd(t, return_weights, empty_rows, rate, cap, residuals, cotangent):
     # The analytic softmax backward (written out, not autodiff'd): it reuses the saved
     # weights and costs four matmuls, where autodiff of the forward costs about twice as much
     # on CPU. Weights are 0 at masked keys and on fully masked rows, so dS is 0 there too.
     # Under dropout, U = W * D (D: 0 or 1 / (1 - rate), regenerated) multiplies V, so
-    # dW = dU * D and rowsum(dW * W) = rowsum(dU * U).
-    qf, key, value, bias_g, scale, weights, out, seed = residuals
-    d_out, d_weights = cotangent if return_weights else (cotangent, None)
+    # dW = dU * D and rowsum(dW * W) = rowsum(dU * U). The log-sum-exp's cotangent adds
+    # d_lse * W to d logits (d lse / d logits = W).
+    qf, key, value, bias_g, scale, weights, out, seed, d_cap = residuals
+    d_out, d_lse = cotangent[:2]
+    d_weights = cotangent[2] if return_weights else None
     *batch, k, g, _, s = weights.shape
     w_f = weights.reshape((*batch, k, g * t, s))
     drop = None
@@ -159,7 +175,11 @@ def _core_bwd(t, return_weights, empty_rows, rate, residuals, cotangent):
         delta = delta + jnp.sum(d_weights * used_f, axis=-1, keepdims=True)
     if drop is not None:
         d_w = d_w * drop
+    delta = delta - d_lse.reshape(delta.shape).astype(acc)
     d_logits = w_f * (d_w - delta)  # [..., K, G*T, S], accumulation dtype
+    d_biased = d_logits  # what the bias receives: it is added after the soft cap
+    if d_cap is not None:
+        d_logits = d_logits * d_cap.reshape(d_logits.shape)
     d_qk = d_logits.astype(qf.dtype)
     d_q_unscaled = jnp.einsum("...KTS,...SKH->...KTH", d_qk, key, preferred_element_type=acc)
     d_key = jnp.einsum("...KST,...KTH->...KSH", transposed(d_qk), qf, preferred_element_type=acc)
@@ -168,7 +188,7 @@ def _core_bwd(t, return_weights, empty_rows, rate, residuals, cotangent):
     d_scale = jnp.sum(d_q_unscaled * qf.astype(acc)).astype(scale.dtype)
     d_bias = None
     if bias_g is not None:
-        d_l = d_logits.reshape(weights.shape)
+        d_l = d_biased.reshape(weights.shape)
         axes = tuple(
             i for i, (a, b) in enumerate(zip(bias_g.shape, d_l.shape, strict=True)) if a != b
         )
@@ -179,15 +199,19 @@ def _core_bwd(t, return_weights, empty_rows, rate, residuals, cotangent):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def xla_attention(query, key, value, mask, bias, scale, return_weights, empty_rows, drop, dims):
+def xla_attention(
+    query, key, value, mask, bias, scale, return_weights, empty_rows, *, dims, cap, drop
+):
     """Dense attention on validated inputs (see :func:`jaxattn.dot_product_attention`).
 
     ``mask`` is a bool array or None (masks of :mod:`jaxattn.masks` are materialised by the
     caller), ``bias`` a float array or None, both broadcastable to ``[..., N, T, S]``;
     ``scale`` a scalar of the accumulation dtype; ``empty_rows`` False when no row can be
-    fully masked (skips the guard that zeroes such rows); ``drop`` is ``(rate, seed words)``;
-    ``dims`` the ``(batch, T, S, N, K, G, H, Hv)`` of the input checks. Returns
-    ``[..., T, N, Hv]`` in the input dtype, and the weights ``[..., N, T, S]`` if asked for.
+    fully masked (skips the guard that zeroes such rows); ``dims`` the
+    ``(batch, T, S, N, K, G, H, Hv)`` of the input checks; ``cap`` the logit soft cap or
+    None; ``drop`` is ``(rate, seed words)``. Returns ``(out, lse, weights)``: out
+    ``[..., T, N, Hv]`` in the input dtype, the log-sum-exp ``[..., T, N]`` in the
+    accumulation dtype (-inf on rows with no key), the weights ``[..., N, T, S]`` or None.
     """
     batch, t, s, n, k, g, _, _ = dims
     nb = len(batch)
@@ -196,9 +220,9 @@ def xla_attention(query, key, value, mask, bias, scale, return_weights, empty_ro
     bias_g = None if bias is None else _grouped(bias, nb, k, g)
     rate, seed = drop
     args = (qf, key, value, mask_g, bias_g, scale, seed)
-    result = _core(t, return_weights, empty_rows, rate, *args)
-    out, weights = result if return_weights else (result, None)
+    result = _core(t, return_weights, empty_rows, rate, cap, *args)
+    out, lse = result[:2]
     out = _unfold_queries(out, t).astype(query.dtype)
-    if not return_weights:
-        return out
-    return out, weights.reshape((*batch, n, t, s))
+    lse = _unfold_queries(lse.reshape((*batch, k, g * t, 1)), t)[..., 0]  # [..., T, N]
+    weights = result[2].reshape((*batch, n, t, s)) if return_weights else None
+    return out, lse, weights

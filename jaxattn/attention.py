@@ -17,12 +17,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxattn import _dropout as dropout
 from jaxattn import _flash as flash
 from jaxattn._numerics import acc_dtype
 from jaxattn._xla import xla_attention
-from jaxattn.masks import CausalMask, MaskSpec
+from jaxattn.masks import CausalMask, MaskSpec, PaddingMask, SlidingWindowMask
 
 __all__ = ["IMPLEMENTATIONS", "dot_product_attention"]
 
@@ -39,7 +40,7 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def _check_inputs(query, key, value, mask, bias, implementation):
+def _check_inputs(query, key, value, mask, bias):
     """Validate static shapes and dtypes; returns (batch, T, S, N, K, G, H, Hv)."""
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -82,6 +83,16 @@ def _check_inputs(query, key, value, mask, bias, implementation):
             f"value has {vk} heads but key has {k}; they must be equal "
             f"(key {_fmt(key.shape)}, value {_fmt(value.shape)})"
         )
+    sizes = (("query", "T", t), ("key", "S", s), ("query", "N", n), ("key", "K", k))
+    sizes += (("query", "H", h), ("value", "Hv", hv))
+    sizes += tuple(("query", f"batch dim {i}", d) for i, d in enumerate(batch))
+    for name, letter, size in sizes:
+        if size == 0:
+            shape = {"query": query, "key": key, "value": value}[name].shape
+            raise ValueError(
+                f"{name} has a zero-size {letter} (shape {_fmt(shape)}); attention needs "
+                "at least one position, head and feature"
+            )
     if n % k != 0:
         raise ValueError(
             f"key has {k} heads but query has {n}; query heads must be a multiple of key heads"
@@ -107,13 +118,6 @@ def _check_inputs(query, key, value, mask, bias, implementation):
         if bias_dtype is None or not jnp.issubdtype(bias_dtype, jnp.floating):
             raise ValueError(f"bias must be a floating array, got dtype {bias_dtype}")
         _check_broadcast("bias", bias.shape, target)
-    if implementation not in IMPLEMENTATIONS:
-        hint = ""
-        if implementation == "reference":  # the dense path's name before it took jax.nn's
-            hint = " (the dense path is now named 'xla', as in jax.nn)"
-        raise ValueError(
-            f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}{hint}"
-        )
     return batch, t, s, n, k, n // k, h, hv
 
 
@@ -149,7 +153,7 @@ def _check_blocks(block_sizes):
     return block_sizes
 
 
-def _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, rate, dims):
+def _cudnn_refusal(query, bias, spec, dense, scale, extras, rate, cap, dims):
     """Why the cuDNN kernel (through ``jax.nn``) cannot serve this call, or None if it can.
 
     Only cases whose semantics match ours exactly are sent there: no fully masked row can
@@ -165,47 +169,115 @@ def _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, r
         return f"needs exactly one batch dim, got {len(batch)}"
     if h != hv or h % 8 or h > 128:
         return f"needs H == Hv, a multiple of 8 and <= 128, got H={h}, Hv={hv}"
-    if return_weights:
-        return "does not return weights"
+    if extras:
+        return "returns neither weights nor our residual here"
     if not isinstance(scale, (int, float)):
         return "takes only the default scale (an explicit scale is traced under jit)"
-    if bias is not None:
-        return "is not used with a bias here"
-    if rate:
-        return "is not used with dropout here (its dropout mask is not this package's)"
-    if mask is not None and not (type(mask) is CausalMask and mask.offset is None and t == s):
+    if bias is not None or dense is not None:
+        return "is not used with a bias or a bool-array mask here"
+    if rate or cap:
+        return "is not used with dropout or a soft cap here"
+    if spec is not None and not (type(spec) is CausalMask and spec.offset is None and t == s):
         return "takes no mask here other than CausalMask() with T == S; use is_causal"
-    if is_causal and t != s:
-        return f"aligns causal masks top-left; needs T == S for is_causal, got T={t}, S={s}"
     return None
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "is_causal",
-        "return_weights",
-        "implementation",
-        "block_sizes",
-        "dropout_rate",
-    ),
-)
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a Python bool ({_STATIC}), got {_what(value)}")
+    return bool(value)
+
+
+# Static arguments choose what is compiled; a traced value cannot.
+_STATIC = "a static argument: it decides what is compiled, so it cannot be a traced value"
+
+
+def _what(value) -> str:
+    if isinstance(value, jax.core.Tracer):
+        return "a traced value (an argument of an enclosing jax.jit, vmap or grad)"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {list(value.shape)} and dtype {value.dtype}"
+    return repr(value)
+
+
+def _check_window(window):
+    if window is None:
+        return None
+    if isinstance(window, (list, tuple)) and len(window) == 2:
+        pair = tuple(window)
+    else:
+        pair = (window, window)
+    if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in pair):
+        raise ValueError(
+            "local_window_size must be an int or a (left, right) pair of ints >= 0 "
+            f"({_STATIC}), got {_what(window)}"
+        )
+    if min(pair) < 0:
+        raise ValueError(f"local_window_size must be >= 0, got {window!r}")
+    return tuple(int(w) for w in pair)
+
+
+def _check_cap(cap):
+    if cap is None:
+        return None
+    ok = isinstance(cap, (int, float, np.integer, np.floating)) and not isinstance(cap, bool)
+    if not ok or not (math.isfinite(cap) and cap > 0):
+        raise ValueError(
+            f"logits_soft_cap must be None or a positive finite float ({_STATIC}), got {_what(cap)}"
+        )
+    return float(cap)
+
+
+def _check_static(
+    is_causal, return_residual, return_weights, implementation, block_sizes, rate, window, cap
+):
+    """Every static argument, checked before ``jax.jit`` sees it (its error on a traced
+    static argument names no argument)."""
+    if not isinstance(implementation, (str, type(None))) or implementation not in IMPLEMENTATIONS:
+        hint = ""
+        if implementation == "reference":  # the dense path's name before it took jax.nn's
+            hint = " (the dense path is now named 'xla', as in jax.nn)"
+        shown = repr(implementation) if isinstance(implementation, str) else _what(implementation)
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {shown}{hint}")
+    if isinstance(rate, jax.core.Tracer):
+        raise ValueError(f"dropout_rate must be a float in [0, 1) ({_STATIC}), got {_what(rate)}")
+    return {
+        "is_causal": _check_flag("is_causal", is_causal),
+        "return_residual": _check_flag("return_residual", return_residual),
+        "return_weights": _check_flag("return_weights", return_weights),
+        "implementation": implementation,
+        "block_sizes": _check_blocks(block_sizes),
+        "dropout_rate": dropout.check_rate(rate),
+        "local_window_size": _check_window(window),
+        "logits_soft_cap": _check_cap(cap),
+    }
+
+
 def dot_product_attention(
     query,
     key,
     value,
-    mask=None,
     bias=None,
+    mask=None,
     *,
     scale=None,
     is_causal: bool = False,
-    return_weights: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size: int | tuple[int, int] | None = None,
     implementation: str | None = None,
+    return_residual: bool = False,
+    return_weights: bool = False,
+    logits_soft_cap: float | None = None,
     block_sizes: tuple[int, int] | None = None,
     dropout_rate: float = 0.0,
     dropout_key=None,
 ):
     """Scaled dot-product attention, softmax(Q K^T * scale + bias, masked) V.
+
+    A superset of :func:`jax.nn.dot_product_attention`: the same positional order and
+    keywords with the same meanings, and keyword-only extras (``return_weights``,
+    ``logits_soft_cap``, ``block_sizes``, ``dropout_rate``, ``dropout_key``).
 
     Args:
       query: ``[..., T, N, H]``; any number of leading batch dims, including none.
@@ -213,18 +285,26 @@ def dot_product_attention(
         ``1 < K < N`` grouped-query, ``K == 1`` multi-query; each key/value head serves
         ``G = N // K`` consecutive query heads and is never copied).
       value: ``[..., S, K, Hv]``; ``Hv`` may differ from ``H``.
+      bias: floating, broadcastable to ``[..., N, T, S]``, added to the logits after the
+        scale and the soft cap (ALiBi, relative positions, additive masks; ``-inf`` entries
+        mask like False in ``mask``).
       mask: a mask of :mod:`jaxattn.masks` (:class:`jaxattn.CausalMask`,
         :class:`jaxattn.PaddingMask`, ... combined with ``&`` / ``|``), which the blockwise
         path evaluates per block without building it; or a bool array, True = may attend,
         broadcastable to ``[..., N, T, S]``. Float or int masks are refused: additive masks
-        go in ``bias``.
-      bias: floating, broadcastable to ``[..., N, T, S]``, added to the scaled logits (ALiBi,
-        relative positions, additive masks; ``-inf`` entries are allowed).
+        go in ``bias``. With unbatched ``[T, N, H]`` inputs, jax.nn's 4-D ``[1, N, T, S]``
+        mask and bias are accepted too.
       scale: logit multiplier, default ``1 / sqrt(H)``; may be a traced scalar.
-      is_causal: AND the mask with a causal mask (bottom-right aligned when ``T != S``: query
-        ``t`` sees keys up to ``t + S - T``).
-      return_weights: also return the attention weights ``[..., N, T, S]`` (float32; float64
-        for float64 inputs). Only the xla path has them.
+      is_causal: AND the mask with a causal mask, bottom-right aligned when ``T != S``
+        (query ``t`` sees keys up to ``t + S - T``; jax.nn aligns top-left: for that, pass
+        ``mask=CausalMask(offset=0)``). Same as jax.nn when ``T == S``.
+      query_seq_lengths: int ``[...]`` (the batch dims): query rows ``t >= length`` are
+        padding and get output 0 (as in jax.nn).
+      key_value_seq_lengths: int ``[...]``: keys ``s >= length`` are padding, hidden from
+        every query; their values are never read (a NaN there does not leak).
+      local_window_size: ``w`` or ``(left, right)``: query at position ``p`` sees keys
+        ``p - left <= s <= p + right`` (jax.nn's meaning when ``T == S``; positions align
+        bottom-right as for ``is_causal``, :class:`jaxattn.SlidingWindowMask`).
       implementation: ``None`` picks the fastest path that serves the call: ``"cudnn"`` on an
         NVIDIA GPU where it applies, else ``"flash"`` from ``FLASH_MIN_PAIRS`` (query, key)
         pairs and ``"xla"`` below; ``"xla"`` is one fused dense pass over the
@@ -232,6 +312,16 @@ def dot_product_attention(
         O(T), empty blocks skipped, see :mod:`jaxattn._flash`); ``"cudnn"`` is
         ``jax.nn.dot_product_attention``'s fused GPU kernel. Asking for a path that cannot
         serve the call raises ``ValueError``.
+      return_residual: also return the log-sum-exp of each query row's logits (after scale,
+        soft cap, bias and mask), ``[..., T, N]`` float32 (float64 for float64 inputs), as
+        jax.nn's residual; ``-inf`` for a row that sees no key (the log of an empty sum). It
+        is differentiable. Partial attentions over key shards merge exactly:
+        ``lse = logaddexp(lse1, lse2)``, ``out = exp(lse1 - lse) * out1 + exp(lse2 - lse) *
+        out2``.
+      return_weights: also return the attention weights ``[..., N, T, S]`` (float32; float64
+        for float64 inputs). Only the xla path has them.
+      logits_soft_cap: ``c`` replaces the scaled logits ``x`` by ``c * tanh(x / c)`` (Gemma 2,
+        Grok-1) before the bias and the mask; forward and backward, on every path.
       block_sizes: ``(block_q, block_k)`` of the flash path; default by backend
         (``jaxattn._flash.DEFAULT_BLOCKS``).
       dropout_rate: dropout on the attention weights, in [0, 1): each weight is zeroed with
@@ -241,24 +331,124 @@ def dot_product_attention(
         size drops the same weights (:func:`jaxattn.attention_dropout_mask` returns it).
 
     Returns:
-      ``[..., T, N, Hv]`` in the input dtype, and the weights if asked for (after dropout:
-      the weights that multiplied V).
+      ``[..., T, N, Hv]`` in the input dtype; with ``return_residual`` and/or
+      ``return_weights``, a tuple ``(out, residual, weights)`` of those asked for, in that
+      order.
 
     Numerics and edges: query, key and value share one floating dtype; logits and softmax
     run in float32 and the output is cast back. A query row whose every key is masked
     (including by ``-inf`` bias, or rows ``t < T - S`` under ``is_causal`` with ``T > S``)
-    gets output 0, weights 0 and zero gradients, on every path. Every shape, head-count and
-    dtype error is a ``ValueError`` raised at trace time that names the argument.
+    gets output 0, weights 0 and zero gradients, on every path (jax.nn returns the mean of
+    V there). A NaN or Inf in the query, key, value or bias of a pair that is not masked
+    reaches the output of its row as in the formula, on every path; one in a masked-out key
+    or bias never does. A NaN in a masked-out value: padding values (lengths, pad tokens)
+    are never read; elsewhere the weight is exactly 0 and 0 * NaN = NaN, so a path that
+    reads the value (the xla path always, the blockwise path in the blocks it visits)
+    passes the NaN on: keep such values finite. Shape, dtype and static-argument errors are
+    ``ValueError`` raised at trace time, naming the argument. Transforms: ``jax.jit``,
+    ``jax.vmap`` over any argument, ``jax.grad`` to any order (second and higher orders of
+    the flash path are computed densely), and forward-over-reverse (Hessian-vector
+    products). Forward mode on its own (``jax.jvp``, ``jax.jacfwd``) is refused by JAX on
+    the xla and flash paths, whose backward passes are written by hand; use
+    :func:`jaxattn.reference.dot_product_attention` for it.
     """
-    dims = _check_inputs(query, key, value, mask, bias, implementation)
-    block_sizes = _check_blocks(block_sizes)
-    rate = dropout.check_rate(dropout_rate)
+    statics = _check_static(
+        is_causal,
+        return_residual,
+        return_weights,
+        implementation,
+        block_sizes,
+        dropout_rate,
+        local_window_size,
+        logits_soft_cap,
+    )
+    return _attention(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        scale,
+        query_seq_lengths,
+        key_value_seq_lengths,
+        dropout_key,
+        **statics,
+    )
+
+
+def _unbatched_as_4d(query, bias, mask, q_lengths, kv_lengths) -> bool:
+    """True for jax.nn's unbatched call with a 4-D mask/bias or ``[1]`` lengths."""
+    if getattr(query, "ndim", None) != 3:
+        return False
+    four_d = any(getattr(x, "ndim", 0) == 4 for x in (bias, mask) if not isinstance(x, MaskSpec))
+    lengths = any(getattr(x, "ndim", 0) == 1 for x in (q_lengths, kv_lengths))
+    return four_d or lengths
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "is_causal",
+        "return_residual",
+        "return_weights",
+        "implementation",
+        "block_sizes",
+        "dropout_rate",
+        "local_window_size",
+        "logits_soft_cap",
+    ),
+)
+def _attention(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    scale,
+    query_seq_lengths,
+    key_value_seq_lengths,
+    dropout_key,
+    *,
+    is_causal,
+    return_residual,
+    return_weights,
+    implementation,
+    block_sizes,
+    dropout_rate,
+    local_window_size,
+    logits_soft_cap,
+):
+    if _unbatched_as_4d(query, bias, mask, query_seq_lengths, key_value_seq_lengths):
+        # jax.nn's unbatched call: a batch of one, as jax.nn does it, then dropped again.
+        def one(x):
+            return x if x is None or isinstance(x, MaskSpec) or x.ndim == 4 else x[None]
+
+        lengths = (
+            None if x is None else jnp.reshape(x, (1,))
+            for x in (query_seq_lengths, key_value_seq_lengths)
+        )
+        batched = (one(x) for x in (query, key, value, bias, mask))
+        statics = {
+            "is_causal": is_causal,
+            "return_residual": return_residual,
+            "return_weights": return_weights,
+            "implementation": implementation,
+            "block_sizes": block_sizes,
+            "dropout_rate": dropout_rate,
+            "local_window_size": local_window_size,
+            "logits_soft_cap": logits_soft_cap,
+        }
+        result = _attention(*batched, scale, *lengths, dropout_key, **statics)
+        return jax.tree_util.tree_map(lambda x: x[0], result)
+    dims = _check_inputs(query, key, value, mask, bias)
+    batch, t, s, *_, h, _ = dims
+    rules = _rules(is_causal, local_window_size, query_seq_lengths, key_value_seq_lengths, batch)
+    rate = dropout_rate
     seed = None
     if rate:
         if dropout_key is None:
             raise ValueError(f"dropout_rate={rate} needs a dropout_key (a PRNG key), got None")
         seed = dropout.seed_words(dropout_key)
-    _, t, s, *_, h, _ = dims
     if scale is None:
         scale = 1.0 / math.sqrt(h)
     impl = implementation
@@ -267,8 +457,22 @@ def dot_product_attention(
             f"return_weights=True needs implementation='xla' (or None), got {impl!r}: "
             "the other paths never build the [..., N, T, S] weights"
         )
+    spec = mask if isinstance(mask, MaskSpec) else None
+    dense = None if isinstance(mask, MaskSpec) else mask
+    for rule in rules:
+        spec = rule if spec is None else spec & rule
     if impl in (None, "cudnn"):
-        why = _cudnn_refusal(query, value, mask, bias, scale, is_causal, return_weights, rate, dims)
+        why = _cudnn_refusal(
+            query,
+            bias,
+            spec,
+            dense,
+            scale,
+            return_weights or return_residual,
+            rate,
+            logits_soft_cap,
+            dims,
+        )
         if impl == "cudnn" and why is not None:
             raise ValueError(f"implementation='cudnn' cannot serve this call: it {why}")
         if why is None:
@@ -276,18 +480,24 @@ def dot_product_attention(
     if impl is None:
         impl = "flash" if t * s >= FLASH_MIN_PAIRS and not return_weights else "xla"
     if impl == "cudnn":
-        causal = is_causal or mask is not None  # the only mask let through is CausalMask()
         return jax.nn.dot_product_attention(
-            query, key, value, scale=float(scale), is_causal=causal, implementation="cudnn"
+            query,
+            key,
+            value,
+            scale=float(scale),
+            is_causal=spec is not None,
+            implementation="cudnn",
         )
+    if spec is not None:
+        valid = spec.key_valid(s)  # padding keys: their values are never read
+        if valid is not None:
+            valid = valid.reshape((1,) * (value.ndim - valid.ndim - 2) + valid.shape + (1, 1))
+            value = jnp.where(valid, value, jnp.zeros((), value.dtype))
     scale = jnp.asarray(scale, acc_dtype(query.dtype))
+    common = {"cap": logits_soft_cap, "drop": (rate, seed)}
     if impl == "flash":
-        spec = mask if isinstance(mask, MaskSpec) else None
-        dense = None if isinstance(mask, MaskSpec) else mask
-        if is_causal:
-            spec = CausalMask() if spec is None else spec & CausalMask()
         bq, bk = block_sizes or flash.DEFAULT_BLOCKS.get(jax.default_backend(), (128, 128))
-        return flash.flash_attention(
+        out, lse = flash.flash_attention(
             query,
             key,
             value,
@@ -297,17 +507,36 @@ def dot_product_attention(
             scale=scale,
             block_q=bq,
             block_k=bk,
-            dropout=(rate, seed),
+            **common,
         )
-    # Only a user mask, a bias (-inf entries) or causal attention with more queries than keys
-    # can leave a query row with no key at all.
-    empty_rows = mask is not None or bias is not None or (is_causal and t > s)
-    if isinstance(mask, MaskSpec):
-        mask = mask.materialize(t, s)
-    if is_causal:
-        causal = CausalMask().materialize(t, s)
-        mask = causal if mask is None else _and(mask, causal)
-    drop = (rate, seed)
-    return xla_attention(
-        query, key, value, mask, bias, scale, return_weights, empty_rows, drop, dims
+        return (out, lse) if return_residual else out
+    # Only a mask, a bias (-inf entries) or causal attention with more queries than keys can
+    # leave a query row with no key at all.
+    plain_causal = type(spec) is CausalMask and spec.offset is None and t <= s
+    empty_rows = dense is not None or bias is not None or (spec is not None and not plain_causal)
+    if spec is not None:
+        m = spec.materialize(t, s)
+        dense = m if dense is None else _and(dense, m)
+    out, lse, weights = xla_attention(
+        query, key, value, dense, bias, scale, return_weights, empty_rows, dims=dims, **common
     )
+    result = (out,) + ((lse,) if return_residual else ()) + ((weights,) if return_weights else ())
+    return result if len(result) > 1 else out
+
+
+def _rules(is_causal, window, q_lengths, kv_lengths, batch):
+    """The masks that jax.nn's keywords stand for, as :mod:`jaxattn.masks` rules."""
+    rules = []
+    if is_causal:
+        rules.append(CausalMask())
+    if window is not None:
+        rules.append(SlidingWindowMask(window))
+    if q_lengths is not None or kv_lengths is not None:
+        for name, x in (("query_seq_lengths", q_lengths), ("key_value_seq_lengths", kv_lengths)):
+            if x is not None and jnp.shape(x) != batch:
+                raise ValueError(
+                    f"{name} must have the query's batch shape {_fmt(batch)}, "
+                    f"got shape {_fmt(jnp.shape(x))}"
+                )
+        rules.append(PaddingMask(q_lengths=q_lengths, kv_lengths=kv_lengths))
+    return rules

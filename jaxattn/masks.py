@@ -207,6 +207,12 @@ class MaskSpec:
         broadcastable to ``[B, nq, nk]``, NumPy when every value is static, else traced."""
         raise NotImplementedError
 
+    def key_valid(self, kv_len: int):
+        """bool ``[*batch, S]``: False at keys that are padding for every query (a length or
+        a pad token says so), or None when the mask has no key padding. Attention zeroes the
+        values there, so a NaN in an unwritten cache slot or a pad position never leaks."""
+        return None
+
     def batch_shape(self) -> tuple[int, ...]:
         """Leading batch shape of the per-sequence values, ``()`` when there are none."""
         return self._batch
@@ -395,6 +401,12 @@ class PaddingMask(MaskSpec):
             ok = k_ok if ok is None else ok & k_ok
         return ok
 
+    def key_valid(self, kv_len):
+        if self.kv_lengths is None:
+            return None
+        lengths = jnp.asarray(self.kv_lengths)[..., None]
+        return jnp.arange(kv_len).reshape((1,) * (lengths.ndim - 1) + (kv_len,)) < lengths
+
     def block_flags(self, q_lo, q_hi, k_lo, k_hi, q_len, kv_len):
         xp = np if self.is_static() else jnp
         any_, all_ = xp.ones((1, 1, 1), bool), xp.ones((1, 1, 1), bool)
@@ -444,6 +456,12 @@ class _TokenPadding(MaskSpec):
             k_ok = _row(_flat(self.kv_tokens, 1), b, k_idx, kv_len) != self.pad_id
             ok = k_ok if ok is None else ok & k_ok
         return ok
+
+    def key_valid(self, kv_len):
+        if self.kv_tokens is None:
+            return None
+        _check_length("kv_tokens", self.kv_tokens, kv_len)
+        return jnp.asarray(self.kv_tokens) != self.pad_id
 
     def block_flags(self, q_lo, q_hi, k_lo, k_hi, q_len, kv_len):
         _check_length("q_tokens", self.q_tokens, q_len)
@@ -565,6 +583,17 @@ class _Combined(MaskSpec):
 
     def allowed(self, q_idx, k_idx, b, q_len, kv_len):
         return self._reduce([p.allowed(q_idx, k_idx, b, q_len, kv_len) for p in self.parts])
+
+    def key_valid(self, kv_len):
+        valid = [p.key_valid(kv_len) for p in self.parts]
+        known = [v for v in valid if v is not None]
+        if not known or (self.op == "or" and len(known) < len(valid)):
+            return None  # "or" with a part that pads nothing: every key may be read
+        out = known[0]
+        for v in known[1:]:
+            shape = jnp.broadcast_shapes(out.shape, v.shape)
+            out = self._reduce([jnp.broadcast_to(out, shape), jnp.broadcast_to(v, shape)])
+        return out
 
     def block_flags(self, q_lo, q_hi, k_lo, k_hi, q_len, kv_len):
         flags = [p.block_flags(q_lo, q_hi, k_lo, k_hi, q_len, kv_len) for p in self.parts]

@@ -38,13 +38,15 @@ def dot_product_attention(
     query,
     key,
     value,
-    mask=None,
     bias=None,
+    mask=None,
     *,
     scale=None,
     is_causal: bool = False,
+    logits_soft_cap: float | None = None,
     dropout_rate: float = 0.0,
     dropout_key=None,
+    return_residual: bool = False,
     return_weights: bool = False,
 ):
     """softmax(Q K^T * scale + bias, masked) V, straight from the formula.
@@ -52,8 +54,11 @@ def dot_product_attention(
     Arguments as :func:`jaxattn.dot_product_attention`: query ``[..., T, N, H]``, key
     ``[..., S, K, H]``, value ``[..., S, K, Hv]``; mask and bias broadcastable to
     ``[..., N, T, S]``; ``scale`` defaults to ``1 / sqrt(H)``; causal masks align
-    bottom-right when ``T != S``. Returns ``[..., T, N, Hv]`` in the input dtype, and with
-    ``return_weights`` also the weights ``[..., N, T, S]`` (float32, float64 for float64).
+    bottom-right when ``T != S``; ``logits_soft_cap`` ``c`` maps the scaled logits ``x`` to
+    ``c * tanh(x / c)`` before the bias. Returns ``[..., T, N, Hv]`` in the input dtype, then
+    with ``return_residual`` the log-sum-exp of each row ``[..., T, N]`` (-inf for a row with
+    no key) and with ``return_weights`` the weights ``[..., N, T, S]`` (float32, float64 for
+    float64).
     """
     *batch, t, n, h = query.shape
     s, k = key.shape[-3:-1]
@@ -63,6 +68,8 @@ def dot_product_attention(
     v = jnp.repeat(value.astype(dtype), n // k, axis=-2)  # [..., S, N, Hv]
     scale = 1.0 / math.sqrt(h) if scale is None else scale
     logits = jnp.einsum("...tnh,...snh->...nts", q, kk) * scale  # [..., N, T, S]
+    if logits_soft_cap is not None:
+        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
     if bias is not None:
         logits = logits + jnp.broadcast_to(bias, logits.shape)
     if isinstance(mask, MaskSpec):
@@ -78,4 +85,6 @@ def dot_product_attention(
         keep = attention_dropout_mask(dropout_key, dropout_rate, batch, n, t, s)
         weights = weights * keep / (1.0 - dropout_rate)
     out = jnp.einsum("...nts,...snh->...tnh", weights, v).astype(query.dtype)
-    return (out, weights) if return_weights else out
+    lse = jnp.moveaxis(jax.nn.logsumexp(logits, axis=-1), -1, -2)  # [..., T, N]; -inf: no key
+    result = (out,) + ((lse,) if return_residual else ()) + ((weights,) if return_weights else ())
+    return result if len(result) > 1 else out

@@ -27,11 +27,18 @@ settings.load_profile("jaxattn")
 # Jitted: run eagerly, every jnp op of the formula would compile on its own for each new shape.
 _reference64 = jax.jit(
     reference.dot_product_attention,
-    static_argnames=("is_causal", "return_weights", "dropout_rate"),
+    static_argnames=(
+        "is_causal",
+        "return_weights",
+        "return_residual",
+        "dropout_rate",
+        "logits_soft_cap",
+    ),
 )
 
 
 def reference_attention(q, k, v, mask=None, bias=None, scale=None, **kwargs):
+    # (mask, bias) in this order, keyword-friendly; the kernels take (bias, mask) positionally.
     """The oracle: :func:`jaxattn.reference.dot_product_attention` run in float64.
 
     Inputs (arrays of any float dtype, a bool mask or a mask of :mod:`jaxattn.masks`) are
@@ -42,8 +49,8 @@ def reference_attention(q, k, v, mask=None, bias=None, scale=None, **kwargs):
         q, k, v = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v))
         if bias is not None:
             bias = jnp.asarray(np.asarray(bias, np.float64))
-        out, weights = _reference64(q, k, v, mask, bias, scale=scale, return_weights=True, **kwargs)
-        return np.asarray(out), np.asarray(weights)
+        result = _reference64(q, k, v, bias, mask, scale=scale, return_weights=True, **kwargs)
+        return tuple(np.asarray(x) for x in result)
 
 
 def qkv(rng, batch, t, s, n, k, h, hv=None, dtype=np.float32):

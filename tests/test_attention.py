@@ -226,7 +226,7 @@ class TestFullyMaskedRows:
 
 def _ref64(q, k, v, mask, bias, scale):
     """The reference formula (autodiff), for float64 gradients: call under jax.enable_x64."""
-    return ja.reference.dot_product_attention(q, k, v, mask, bias, scale=scale)
+    return ja.reference.dot_product_attention(q, k, v, bias, mask, scale=scale)
 
 
 @pytest.mark.parametrize(("n", "k", "t", "s"), [(4, 4, 5, 5), (4, 2, 3, 6), (6, 2, 6, 4)])
@@ -283,7 +283,7 @@ def test_gradients_through_returned_weights_match_float64_reference():
 
         def ref(q, key, v):
             out, w = ja.reference.dot_product_attention(
-                q, key, v, mask, scale=1 / np.sqrt(8), return_weights=True
+                q, key, v, mask=mask, scale=1 / np.sqrt(8), return_weights=True
             )
             return jnp.sum(out * ct_out) + jnp.sum(w**2 * ct_w)
 

@@ -121,7 +121,7 @@ def test_values_and_gradients_match_float64_oracle(case, impl):
 
         def ref(q, key, v):
             return ja.reference.dot_product_attention(
-                q, key, v, mask, dropout_rate=rate, dropout_key=KEY
+                q, key, v, mask=mask, dropout_rate=rate, dropout_key=KEY
             )
 
         @functools.partial(jax.jit, static_argnums=0)  # values and gradients: one compile

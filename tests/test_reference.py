@@ -95,7 +95,7 @@ def test_matches_numpy_formula_in_float64(shape):
 def test_float32_inputs_compute_in_float32_close_to_the_formula(rng):
     q, key, v = qkv(rng, (2,), 5, 7, 4, 2, 8)
     mask = rng.random((2, 4, 5, 7)) < 0.6
-    out, w = reference(q, key, v, jnp.asarray(mask), return_weights=True)
+    out, w = reference(q, key, v, mask=jnp.asarray(mask), return_weights=True)
     assert out.dtype == w.dtype == jnp.float32
     ref_out, ref_w = numpy_attention(q, key, v, mask)
     np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=2e-5)
@@ -132,7 +132,7 @@ def test_equal_logits_give_uniform_weights():
     np.testing.assert_allclose(out, np.broadcast_to(v.mean(axis=1)[:, None], out.shape), atol=1e-6)
     # Under a mask: uniform over the visible keys only.
     mask = np.array([True, False, True, True, False])
-    out, w = reference(q, key, v, jnp.asarray(mask), return_weights=True)
+    out, w = reference(q, key, v, mask=jnp.asarray(mask), return_weights=True)
     np.testing.assert_allclose(w, np.broadcast_to(mask / 3, w.shape), rtol=1e-6)
     np.testing.assert_allclose(
         out, np.broadcast_to(v[:, mask].mean(axis=1)[:, None], out.shape), atol=1e-6
@@ -145,7 +145,7 @@ def test_one_visible_key_gives_exactly_its_value_row():
     pick = np.array([5, 0, 3, 3])  # query t sees only key pick[t]
     mask = np.arange(6)[None, :] == pick[:, None]  # [T, S]
     bias = rng.standard_normal((2, 4, 6)).astype(np.float32) * 10
-    out, w = reference(q, key, v, jnp.asarray(mask), jnp.asarray(bias), return_weights=True)
+    out, w = reference(q, key, v, jnp.asarray(bias), jnp.asarray(mask), return_weights=True)
     np.testing.assert_array_equal(w, np.broadcast_to(mask, w.shape).astype(np.float32))
     np.testing.assert_array_equal(out, v[pick])  # [T, K = N, Hv]
 
@@ -193,7 +193,7 @@ def _loss(mask=None, bias_fixed=None):
 
     def loss(q, k, v, bias):
         b = bias if bias_fixed is None else bias_fixed
-        return jnp.sum(reference(q, k, v, mask, b) * ct.astype(q.dtype))
+        return jnp.sum(reference(q, k, v, b, mask) * ct.astype(q.dtype))
 
     return loss
 
@@ -205,7 +205,7 @@ def test_fully_masked_rows_give_zeros_and_zero_finite_gradients():
     mask[0, 0, 1] = False  # sequence 0, query 1 sees nothing
     mask[1, 0, 3] = False
     bias = jnp.asarray(rng.standard_normal((2, 2, 4, 3)), jnp.float32)
-    out, w = reference(q, key, v, jnp.asarray(mask), bias, return_weights=True)
+    out, w = reference(q, key, v, bias, jnp.asarray(mask), return_weights=True)
     assert np.isfinite(out).all() and np.isfinite(w).all()
     np.testing.assert_array_equal(out[0, 1], 0.0)
     np.testing.assert_array_equal(out[1, 3], 0.0)
@@ -229,8 +229,8 @@ def test_minus_inf_bias_masks_like_false():
     bias[..., 2, :] = -np.inf  # a whole row
     bias[..., 0, 1] = -np.inf
     mask = jnp.asarray(np.isfinite(bias))
-    out, w = reference(q, key, v, None, jnp.asarray(bias), return_weights=True)
-    out_m, w_m = reference(q, key, v, mask, return_weights=True)
+    out, w = reference(q, key, v, jnp.asarray(bias), return_weights=True)
+    out_m, w_m = reference(q, key, v, mask=mask, return_weights=True)
     np.testing.assert_array_equal(out, out_m)
     np.testing.assert_array_equal(w, w_m)
     np.testing.assert_array_equal(out[:, 2], 0.0)
@@ -289,7 +289,7 @@ def test_low_precision_inputs_give_the_input_dtype_out_and_float32_weights(dtype
     rng = np.random.default_rng(8)
     q, key, v = (jnp.asarray(x, dtype) for x in qkv(rng, (2,), 6, 6, 2, 1, 8))
     bias = jnp.asarray(rng.standard_normal((2, 6, 6)), jnp.float32)
-    out, w = reference(q, key, v, None, bias, is_causal=True, return_weights=True)
+    out, w = reference(q, key, v, bias, is_causal=True, return_weights=True)
     assert out.dtype == dtype and w.dtype == jnp.float32
     rounded = [np.asarray(x.astype(jnp.float32)) for x in (q, key, v)]
     ref_out, ref_w = numpy_attention(*rounded, _causal(6, 6), np.asarray(bias))
@@ -340,7 +340,7 @@ def test_gradients_match_finite_differences_in_float64():
         mask = jnp.asarray(mask)
 
         def f(q, key, v, bias, scale):
-            return reference(q, key, v, mask, bias, scale=scale)
+            return reference(q, key, v, bias, mask, scale=scale)
 
         check_grads(f, (q, key, v, bias, jnp.float64(0.6)), order=1, modes=["rev"])
 
@@ -348,11 +348,11 @@ def test_gradients_match_finite_differences_in_float64():
 def test_jit_vmap_and_traced_scale_compose(rng):
     q, key, v = qkv(rng, (3,), 4, 4, 2, 2, 8)
     mask = ja.PaddingMask(kv_lengths=np.array([1, 3, 4], np.int32))
-    eager = reference_eager(q, key, v, mask, scale=0.5)
-    jitted = jax.jit(lambda q, k, v, m, s: reference_eager(q, k, v, m, scale=s))
+    eager = reference_eager(q, key, v, mask=mask, scale=0.5)
+    jitted = jax.jit(lambda q, k, v, m, s: reference_eager(q, k, v, mask=m, scale=s))
     jitted = jitted(q, key, v, mask, 0.5)
     np.testing.assert_allclose(jitted, eager, atol=1e-6)
     mapped = jax.vmap(
-        lambda q, k, v, n: reference_eager(q, k, v, ja.PaddingMask(kv_lengths=n), scale=0.5)
+        lambda q, k, v, n: reference_eager(q, k, v, mask=ja.PaddingMask(kv_lengths=n), scale=0.5)
     )(q, key, v, jnp.array([1, 3, 4]))
     np.testing.assert_allclose(mapped, eager, atol=1e-6)
