@@ -47,6 +47,7 @@ from jax import lax
 from jaxattn import _dropout as dropout_lib
 from jaxattn._blocks import Geo, branches, classify, schedule, walk
 from jaxattn._numerics import acc_dtype, fill_value, transposed
+from jaxattn._second_order import with_dense_tangents
 
 __all__ = ["DEFAULT_BLOCKS", "flash_attention"]
 
@@ -224,8 +225,9 @@ def _forward(geo: Geo, masking: _Masking, q, k, v, scale):
         )
         m, run_sum, o = walk(sched, b if per_batch else 0, i, branches(visit, geo.nk), init)
         # m == fill: the row saw no key (the sum is >= 1 otherwise: exp(m - m) = 1 is in it).
-        # A NaN logit makes m NaN, which is not == fill: the row's NaN reaches its output.
-        seen = m != fill
+        # Unless the sum is NaN: XLA:CPU's max reduction skips NaN, so a row of NaN logits
+        # (a NaN in the query) keeps m == fill, but its sum is NaN and so is its output.
+        seen = (m != fill) | jnp.isnan(run_sum)
         o = jnp.where(seen[..., None], o / run_sum[..., None], 0.0)
         row_lse = jnp.where(seen, m + jnp.log(run_sum), jnp.inf)
         o = o.astype(out.dtype).reshape(hb * rows, geo.hv)
@@ -355,22 +357,36 @@ def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, d_lse, scal
 # Custom VJP and the entry point
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(geo, q, k, v, spec, mask, bias, scale, seed):
-    """``(out [B, Tp, N, Hv], lse [B, N, Tp])``; lse is +inf on rows with no key."""
+def _forward_loops(geo, q, k, v, spec, mask, bias, scale, seed):
     return _forward(geo, _Masking(spec, mask, bias, seed), q, k, v, scale)
 
 
+def _backward_loops(geo, q, k, v, spec, mask, bias, scale, seed, out, lse, d_out, d_lse):
+    masking = _Masking(spec, mask, bias, seed)
+    return _backward(geo, masking, q, k, v, out, lse, d_out, d_lse, scale)
+
+
+# The loops, with tangents from their dense twin (second and higher derivatives only).
+_forward_op, _backward_op = with_dense_tangents(_forward_loops, _backward_loops)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(geo, q, k, v, spec, mask, bias, scale, seed):
+    """``(out [B, Tp, N, Hv], lse [B, N, Tp])``; lse is +inf on rows with no key."""
+    return _forward_op(geo, q, k, v, spec, mask, bias, scale, seed)
+
+
 def _flash_fwd(geo, q, k, v, spec, mask, bias, scale, seed):
-    out, lse = _forward(geo, _Masking(spec, mask, bias, seed), q, k, v, scale)
+    out, lse = _forward_op(geo, q, k, v, spec, mask, bias, scale, seed)
     return (out, lse), (q, k, v, spec, mask, bias, scale, seed, out, lse)
 
 
 def _flash_bwd(geo, residuals, cotangents):
     q, k, v, spec, mask, bias, scale, seed, out, lse = residuals
     d_out, d_lse = cotangents
-    masking = _Masking(spec, mask, bias, seed)
-    dq, dk, dv, d_bias, d_scale = _backward(geo, masking, q, k, v, out, lse, d_out, d_lse, scale)
+    dq, dk, dv, d_bias, d_scale = _backward_op(
+        geo, q, k, v, spec, mask, bias, scale, seed, out, lse, d_out, d_lse
+    )
     d_spec = jax.tree_util.tree_map(_zero_cotangent, spec)
     d_mask = None if mask is None else _zero_cotangent(mask)
     d_bias = None if bias is None else d_bias.astype(bias.dtype)
