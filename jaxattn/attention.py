@@ -341,11 +341,15 @@ def dot_product_attention(
     gets output 0, weights 0 and zero gradients, on every path (jax.nn returns the mean of
     V there). A NaN or Inf in the query, key, value or bias of a pair that is not masked
     reaches the output of its row as in the formula, on every path; one in a masked-out key
-    or bias never does. A NaN in a masked-out value: padding values (lengths, pad tokens)
-    are never read; elsewhere the weight is exactly 0 and 0 * NaN = NaN, so a path that
-    reads the value (the xla path always, the blockwise path in the blocks it visits)
-    passes the NaN on: keep such values finite. Shape, dtype and static-argument errors are
-    ``ValueError`` raised at trace time, naming the argument. Transforms: ``jax.jit``,
+    or bias never reaches the output. Keys and values that are padding (lengths, pad
+    tokens) are never read at all: zeroed first, so a NaN there reaches neither the output
+    nor any gradient. At other masked keys, the weight is exactly 0 but 0 * NaN = NaN in a
+    matmul, so a non-finite value there (or, in the backward, a key) may reach the rows
+    that cannot see it wherever a path reads it (the xla path always, the blockwise path
+    in the blocks it visits): keep such entries finite, or express them as padding.
+
+    Shape, dtype and static-argument errors are ``ValueError`` raised at trace time, naming
+    the argument. Transforms: ``jax.jit``,
     ``jax.vmap`` over any argument, ``jax.grad`` to any order (second and higher orders of
     the flash path are computed densely), and forward-over-reverse (Hessian-vector
     products). Forward mode on its own (``jax.jvp``, ``jax.jacfwd``) is refused by JAX on
@@ -489,9 +493,13 @@ def _attention(
             implementation="cudnn",
         )
     if spec is not None:
-        valid = spec.key_valid(s)  # padding keys: their values are never read
+        # Padding keys and values are never read: zeroed here, one pass over K and V, so a
+        # NaN in an unwritten cache slot reaches neither the output nor the gradients (a
+        # masked weight is exactly 0, but 0 * NaN is NaN in a matmul).
+        valid = spec.key_valid(s)
         if valid is not None:
             valid = valid.reshape((1,) * (value.ndim - valid.ndim - 2) + valid.shape + (1, 1))
+            key = jnp.where(valid, key, jnp.zeros((), key.dtype))
             value = jnp.where(valid, value, jnp.zeros((), value.dtype))
     scale = jnp.asarray(scale, acc_dtype(query.dtype))
     common = {"cap": logits_soft_cap, "drop": (rate, seed)}
