@@ -366,17 +366,11 @@ def dot_product_attention(
         local_window_size,
         logits_soft_cap,
     )
+    q_lengths, kv_lengths = (
+        None if x is None else jnp.asarray(x) for x in (query_seq_lengths, key_value_seq_lengths)
+    )
     return _attention(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        scale,
-        query_seq_lengths,
-        key_value_seq_lengths,
-        dropout_key,
-        **statics,
+        query, key, value, bias, mask, scale, q_lengths, kv_lengths, dropout_key, **statics
     )
 
 
@@ -540,11 +534,17 @@ def _rules(is_causal, window, q_lengths, kv_lengths, batch):
     if window is not None:
         rules.append(SlidingWindowMask(window))
     if q_lengths is not None or kv_lengths is not None:
+        lengths = []
         for name, x in (("query_seq_lengths", q_lengths), ("key_value_seq_lengths", kv_lengths)):
-            if x is not None and jnp.shape(x) != batch:
-                raise ValueError(
-                    f"{name} must have the query's batch shape {_fmt(batch)}, "
-                    f"got shape {_fmt(jnp.shape(x))}"
-                )
-        rules.append(PaddingMask(q_lengths=q_lengths, kv_lengths=kv_lengths))
+            if x is not None:
+                if not jnp.issubdtype(x.dtype, jnp.integer):
+                    raise ValueError(f"{name} must be an int array, got dtype {x.dtype}")
+                if x.shape not in (batch, ()):
+                    raise ValueError(
+                        f"{name} must have the query's batch shape {_fmt(batch)} (or be one "
+                        f"int for every sequence), got shape {_fmt(x.shape)}"
+                    )
+                x = jnp.broadcast_to(x, batch)
+            lengths.append(x)
+        rules.append(PaddingMask(q_lengths=lengths[0], kv_lengths=lengths[1]))
     return rules
