@@ -28,7 +28,9 @@ test: lint
 train: venv
 	$(BIN)/python train.py --config configs/tiny.yaml
 
+# The benchmark's optional peers (torch, tokamax) are installed here only, never by test/train.
 bench: venv
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/attention.py
 
 clean:
