@@ -710,7 +710,7 @@ def test_numpy_per_sequence_values_work_with_a_traced_sequence_index():
     # The same through flash_attention called directly (no outer jit to trace the arrays).
     rng = np.random.default_rng(0)
     q = rng.standard_normal((2, 3, 1, 4)).astype(np.float32)
-    out = flash.flash_attention(
+    out, _ = flash.flash_attention(
         q, q, q, spec=spec, mask=None, bias=None, scale=jnp.float32(0.5), block_q=2, block_k=2
     )
     expected = reference_attention(q, q, q, dense[:, None], scale=0.5)[0]
