@@ -1,13 +1,26 @@
 """Flax NNX layers built on the kernels: attention, feed-forward, decoder block, TinyDecoder,
-and generation. Imports flax; knows nothing of training or config files.
+generation, and :func:`attention_fn` (our kernel as ``nnx.MultiHeadAttention``'s
+``attention_fn``). Imports flax; knows nothing of training or config files.
 
-    from jaxattn.nn import ModelConfig, TinyDecoder, generate
+    from jaxattn.nn import ModelConfig, TinyDecoder, attention_fn, generate
 """
 
 from jaxattn.nn.config import ModelConfig as ModelConfig
 from jaxattn.nn.decoding import generate as generate
+from jaxattn.nn.flax_attention import attention_fn as attention_fn
 from jaxattn.nn.layers import DecoderBlock as DecoderBlock
 from jaxattn.nn.layers import FeedForward as FeedForward
 from jaxattn.nn.layers import MultiHeadAttention as MultiHeadAttention
 from jaxattn.nn.model import TinyDecoder as TinyDecoder
 from jaxattn.nn.model import count_params as count_params
+
+__all__ = [
+    "DecoderBlock",
+    "FeedForward",
+    "ModelConfig",
+    "MultiHeadAttention",
+    "TinyDecoder",
+    "attention_fn",
+    "count_params",
+    "generate",
+]
