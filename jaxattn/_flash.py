@@ -162,6 +162,13 @@ def _dropout_block(geo, seed, b, head0, hb, q0, rows, k0, cols, dtype, key_major
     return dropout_lib.scale_factor(seed, geo.rate, b, n, t, s, dtype)
 
 
+def _q_scale(geo: Geo, scale):
+    """What the query rows are multiplied by: ``scale``, or ``scale / cap`` under a soft cap
+    (the logits then come out of the matmul divided by the cap, ready for the ``tanh``: one
+    elementwise pass less per block, measured 4% of a block's softmax work)."""
+    return scale / geo.cap if geo.cap else scale
+
+
 def _scaled_rows(q, b, q0, rows, head0, heads, scale, acc):
     """Query rows times ``scale``, rounded once to the input dtype (saves a pass per block)."""
     qs = _rows(q, b, q0, rows, head0, heads)
@@ -170,6 +177,23 @@ def _scaled_rows(q, b, q0, rows, head0, heads, scale, acc):
 
 # --------------------------------------------------------------------------------------------
 # Forward
+
+
+def _capped_without_bias(s, geo, masking, b, head0, heads, q0, k0, cols, partial):
+    """Soft-capped, masked logits of a forward block and their row max, from ``s`` = logits /
+    cap. ``tanh`` is monotone, so the max is taken over ``s`` and capped once per row: the
+    ``tanh`` then has one consumer, the ``exp``, and XLA fuses it there instead of writing the
+    capped block out for the max and the ``exp`` to read back. Measured at (2, 2048, 8, 64),
+    non-causal, interleaved in one run: the soft cap added 31% to the forward with the
+    separate pass, 12% with this one."""
+    fill = fill_value(s.dtype)
+    s = _masked_logits(s, geo, masking, b, head0, heads, q0, geo.bq, k0, cols, partial)
+    s_max = jnp.max(s, axis=-1)
+    m_blk = jnp.where(s_max == fill, fill, geo.cap * jnp.tanh(s_max))
+    capped = geo.cap * jnp.tanh(s)
+    if partial:  # masked logits keep the fill (tanh would map it to -cap)
+        capped = jnp.where(s == fill, fill, capped)
+    return capped, m_blk
 
 
 def _heads_per_step(geo: Geo) -> int:
@@ -198,7 +222,7 @@ def _forward(geo: Geo, masking: _Masking, q, k, v, scale):
         r = jnp.asarray(r, jnp.int32)  # int64 under x64: every slice index must be int32
         b, z, i = r // (groups * geo.nq), (r // geo.nq) % groups, r % geo.nq
         q0, head0 = i * geo.bq, z * hb * geo.g
-        qs = _scaled_rows(q, b, q0, geo.bq, head0, hb * geo.g, scale, acc)
+        qs = _scaled_rows(q, b, q0, geo.bq, head0, hb * geo.g, _q_scale(geo, scale), acc)
         qs = qs.reshape(hb, rows, geo.h)
 
         def visit(j, c, width, partial):
@@ -206,10 +230,17 @@ def _forward(geo: Geo, masking: _Masking, q, k, v, scale):
             k0, cols = j * geo.bk, width * geo.bk
             kb, vb = _keys(k, b, k0, cols, z * hb, hb), _keys(v, b, k0, cols, z * hb, hb)
             s = jnp.einsum("ZRH,ZCH->ZRC", qs, kb, preferred_element_type=acc)  # logits
-            if geo.cap:
-                s = geo.cap * jnp.tanh(s / geo.cap)
-            s = _masked_logits(s, geo, masking, b, head0, hb * geo.g, q0, geo.bq, k0, cols, partial)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            heads = hb * geo.g
+            if geo.cap and masking.bias is None:
+                s, m_blk = _capped_without_bias(
+                    s, geo, masking, b, head0, heads, q0, k0, cols, partial
+                )
+            else:
+                if geo.cap:  # the queries carry 1 / cap: s is logits / cap
+                    s = geo.cap * jnp.tanh(s)
+                s = _masked_logits(s, geo, masking, b, head0, heads, q0, geo.bq, k0, cols, partial)
+                m_blk = jnp.max(s, axis=-1)
+            m_new = jnp.maximum(m, m_blk)
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)  # rescales what was summed under the old max
             run_sum = run_sum * alpha + jnp.sum(p, axis=-1)  # the sum before dropout
@@ -288,7 +319,8 @@ def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, d_lse, scal
         def visit(i, c, width, partial):
             dq, dkj, dvj, d_bias = c
             q0, rows = i * geo.bq, width * geo.bq
-            qs = _scaled_rows(q, b, q0, rows, head0, heads, scale, acc).reshape(hb, -1, geo.h)
+            qs = _scaled_rows(q, b, q0, rows, head0, heads, _q_scale(geo, scale), acc)
+            qs = qs.reshape(hb, -1, geo.h)
             do = _rows(d_out, b, q0, rows, head0, heads).astype(v.dtype).reshape(hb, -1, geo.hv)
             lse_r, delta_r = (
                 lax.dynamic_slice(x, _start(b, head0, q0), (1, heads, rows)).reshape(hb, 1, -1)
@@ -299,8 +331,8 @@ def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, d_lse, scal
             # measured 2.5x slower); the one left, for dQ, gets an explicit transpose.
             s_t = jnp.einsum("ZCH,ZRH->ZCR", kb, qs, preferred_element_type=acc)  # logits^T
             th = None
-            if geo.cap:
-                th = jnp.tanh(s_t / geo.cap)
+            if geo.cap:  # the queries carry 1 / cap: s_t is logits / cap
+                th = jnp.tanh(s_t)
                 s_t = geo.cap * th
             s_t = _masked_logits(
                 s_t, geo, masking, b, head0, heads, q0, rows, k0, geo.bk, partial, True
@@ -341,6 +373,8 @@ def _backward(geo: Geo, masking: _Masking, q, k, v, out, lse, d_out, d_lse, scal
         )
         dq, dkj, dvj, d_bias = walk(sched, b if per_batch else 0, j, branches(visit, geo.nq), init)
         start = _start(b, k0, z * hb, 0)
+        if geo.cap:  # dK summed dS against queries that carried 1 / cap
+            dkj = dkj * geo.cap
         dk = lax.dynamic_update_slice(dk, jnp.swapaxes(dkj, 0, 1)[None].astype(dk.dtype), start)
         dv = lax.dynamic_update_slice(dv, jnp.swapaxes(dvj, 0, 1)[None].astype(dv.dtype), start)
         return dq, dk, dv, d_bias
