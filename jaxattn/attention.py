@@ -116,7 +116,10 @@ def _check_inputs(query, key, value, mask, bias):
     if bias is not None:
         bias_dtype = getattr(bias, "dtype", None)
         if bias_dtype is None or not jnp.issubdtype(bias_dtype, jnp.floating):
-            raise ValueError(f"bias must be a floating array, got dtype {bias_dtype}")
+            hint = ""
+            if bias_dtype == jnp.bool_:
+                hint = " (a bool mask goes in mask=: the positional order is jax.nn's (bias, mask))"
+            raise ValueError(f"bias must be a floating array, got dtype {bias_dtype}{hint}")
         _check_broadcast("bias", bias.shape, target)
     return batch, t, s, n, k, n // k, h, hv
 
@@ -301,7 +304,8 @@ def dot_product_attention(
       query_seq_lengths: int ``[...]`` (the batch dims): query rows ``t >= length`` are
         padding and get output 0 (as in jax.nn).
       key_value_seq_lengths: int ``[...]``: keys ``s >= length`` are padding, hidden from
-        every query; their values are never read (a NaN there does not leak).
+        every query; what they hold reaches neither the output nor a gradient (a NaN there
+        does not leak).
       local_window_size: ``w`` or ``(left, right)``: query at position ``p`` sees keys
         ``p - left <= s <= p + right`` (jax.nn's meaning when ``T == S``; positions align
         bottom-right as for ``is_causal``, :class:`jaxattn.SlidingWindowMask`).
@@ -313,15 +317,21 @@ def dot_product_attention(
         ``jax.nn.dot_product_attention``'s fused GPU kernel. Asking for a path that cannot
         serve the call raises ``ValueError``.
       return_residual: also return the log-sum-exp of each query row's logits (after scale,
-        soft cap, bias and mask), ``[..., T, N]`` float32 (float64 for float64 inputs), as
-        jax.nn's residual; ``-inf`` for a row that sees no key (the log of an empty sum). It
-        is differentiable. Partial attentions over key shards merge exactly:
-        ``lse = logaddexp(lse1, lse2)``, ``out = exp(lse1 - lse) * out1 + exp(lse2 - lse) *
-        out2``.
+        soft cap, bias and mask), ``[..., T, N]``: jax.nn's residual, but float32 (float64 for
+        float64 inputs; jax.nn casts it to the input dtype), differentiable (jax.nn stops its
+        gradient), and ``-inf`` for a row that sees no key (the log of an empty sum).
+        Partial attentions over two key shards merge exactly: ``lse = logaddexp(lse1,
+        lse2)``, ``out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2`` (guard rows where
+        ``lse == -inf``, empty in both shards). Exact when the masks of the shards are the
+        shards of the mask: give each shard its own lengths or an explicit offset
+        (the default bottom-right offset is ``S_shard - T``), and no dropout (its hash uses
+        positions within the call).
       return_weights: also return the attention weights ``[..., N, T, S]`` (float32; float64
-        for float64 inputs). Only the xla path has them.
+        for float64 inputs), after dropout (the weights that multiplied V). Only the xla path
+        has them.
       logits_soft_cap: ``c`` replaces the scaled logits ``x`` by ``c * tanh(x / c)`` (Gemma 2,
-        Grok-1) before the bias and the mask; forward and backward, on every path.
+        Grok-1) before the bias and the mask (tokamax caps after adding the bias), forward and
+        backward, on the xla and flash paths (the cuDNN kernel is not used with it).
       block_sizes: ``(block_q, block_k)`` of the flash path; default by backend
         (``jaxattn._flash.DEFAULT_BLOCKS``).
       dropout_rate: dropout on the attention weights, in [0, 1): each weight is zeroed with
@@ -335,26 +345,28 @@ def dot_product_attention(
       ``return_weights``, a tuple ``(out, residual, weights)`` of those asked for, in that
       order.
 
-    Numerics and edges: query, key and value share one floating dtype; logits and softmax
-    run in float32 and the output is cast back. A query row whose every key is masked
-    (including by ``-inf`` bias, or rows ``t < T - S`` under ``is_causal`` with ``T > S``)
-    gets output 0, weights 0 and zero gradients, on every path (jax.nn returns the mean of
-    V there). A NaN or Inf in the query, key, value or bias of a pair that is not masked
-    reaches the output of its row as in the formula, on every path; one in a masked-out key
-    or bias never reaches the output. Keys and values that are padding (lengths, pad
-    tokens) are never read at all: zeroed first, so a NaN there reaches neither the output
-    nor any gradient. At other masked keys, the weight is exactly 0 but 0 * NaN = NaN in a
-    matmul, so a non-finite value there (or, in the backward, a key) may reach the rows
-    that cannot see it wherever a path reads it (the xla path always, the blockwise path
-    in the blocks it visits): keep such entries finite, or express them as padding.
+    Numerics and edges: query, key and value share one floating dtype; logits and softmax run in
+    float32 and the output is cast back. A query row whose every key is masked (including by
+    ``-inf`` bias, or rows ``t < T - S`` under ``is_causal`` with ``T > S``) gets output 0,
+    weights 0 and zero gradients, on every path (jax.nn returns the mean of V there). A NaN or
+    Inf in the query, key, value or bias of a pair that is not masked reaches the output of its
+    row as in the formula, on every path; one in a masked-out key or bias never reaches the
+    output. Keys and values that are padding (lengths, pad tokens, and ``&`` combinations of
+    masks with them) are zeroed first, so a NaN there reaches neither the output nor any
+    gradient. At other masked keys, the weight is exactly 0 but 0 * NaN = NaN in a matmul, so a
+    non-finite value there (or, in the backward, a key) may reach the rows that cannot see it
+    wherever a path reads it (the xla path always, the blockwise path in the blocks it visits):
+    keep such entries finite, or express them as padding.
 
-    Shape, dtype and static-argument errors are ``ValueError`` raised at trace time, naming
-    the argument. Transforms: ``jax.jit``,
-    ``jax.vmap`` over any argument, ``jax.grad`` to any order (second and higher orders of
-    the flash path are computed densely), and forward-over-reverse (Hessian-vector
-    products). Forward mode on its own (``jax.jvp``, ``jax.jacfwd``) is refused by JAX on
-    the xla and flash paths, whose backward passes are written by hand; use
-    :func:`jaxattn.reference.dot_product_attention` for it.
+    Shape, dtype and static-argument errors are ``ValueError`` raised at trace time, naming the
+    argument. Transforms: ``jax.jit``, ``jax.vmap`` over any argument (build a mask with
+    per-sequence values inside the vmapped function: its batch shape is checked against the
+    query's; an unmapped ``dropout_key`` drops the same weights in every example, since each
+    sees itself as sequence 0), ``jax.grad`` to any order (second and higher orders of the flash
+    path are computed densely), and forward-over-reverse (Hessian-vector products). Forward mode
+    on its own (``jax.jvp``, ``jax.jacfwd``) is refused by JAX on the xla and flash paths, whose
+    backward passes are written by hand; use :func:`jaxattn.reference.dot_product_attention` for
+    it.
     """
     statics = _check_static(
         is_causal,
@@ -374,9 +386,9 @@ def dot_product_attention(
     )
 
 
-def _unbatched_as_4d(query, bias, mask, q_lengths, kv_lengths) -> bool:
+def _unbatched_as_4d(query, key, bias, mask, q_lengths, kv_lengths) -> bool:
     """True for jax.nn's unbatched call with a 4-D mask/bias or ``[1]`` lengths."""
-    if getattr(query, "ndim", None) != 3:
+    if getattr(query, "ndim", None) != 3 or getattr(key, "ndim", None) != 3:
         return False
     four_d = any(getattr(x, "ndim", 0) == 4 for x in (bias, mask) if not isinstance(x, MaskSpec))
     lengths = any(getattr(x, "ndim", 0) == 1 for x in (q_lengths, kv_lengths))
@@ -416,11 +428,20 @@ def _attention(
     local_window_size,
     logits_soft_cap,
 ):
-    if _unbatched_as_4d(query, bias, mask, query_seq_lengths, key_value_seq_lengths):
+    if _unbatched_as_4d(query, key, bias, mask, query_seq_lengths, key_value_seq_lengths):
         # jax.nn's unbatched call: a batch of one, as jax.nn does it, then dropped again.
         def one(x):
             return x if x is None or isinstance(x, MaskSpec) or x.ndim == 4 else x[None]
 
+        for name, x in (
+            ("query_seq_lengths", query_seq_lengths),
+            ("key_value_seq_lengths", key_value_seq_lengths),
+        ):
+            if x is not None and x.shape not in ((), (1,)):
+                raise ValueError(
+                    f"{name} must have shape [] or [1] for unbatched [T, N, H] inputs, "
+                    f"got shape {_fmt(x.shape)}"
+                )
         lengths = (
             None if x is None else jnp.reshape(x, (1,))
             for x in (query_seq_lengths, key_value_seq_lengths)
@@ -449,6 +470,8 @@ def _attention(
         seed = dropout.seed_words(dropout_key)
     if scale is None:
         scale = 1.0 / math.sqrt(h)
+    elif jnp.ndim(scale) != 0:
+        raise ValueError(f"scale must be a scalar, got shape {_fmt(jnp.shape(scale))}")
     impl = implementation
     if return_weights and impl not in (None, "xla"):
         raise ValueError(

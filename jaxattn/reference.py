@@ -85,6 +85,10 @@ def dot_product_attention(
         keep = attention_dropout_mask(dropout_key, dropout_rate, batch, n, t, s)
         weights = weights * keep / (1.0 - dropout_rate)
     out = jnp.einsum("...nts,...snh->...tnh", weights, v).astype(query.dtype)
-    lse = jnp.moveaxis(jax.nn.logsumexp(logits, axis=-1), -1, -2)  # [..., T, N]; -inf: no key
+    # [..., T, N]; -inf for a row with no key, with zero gradients there (not logsumexp's NaN)
+    lse = jnp.where(
+        seen, jax.nn.logsumexp(jnp.where(seen, logits, 0.0), axis=-1, keepdims=True), -jnp.inf
+    )
+    lse = jnp.moveaxis(lse[..., 0], -1, -2)
     result = (out,) + ((lse,) if return_residual else ()) + ((weights,) if return_weights else ())
     return result if len(result) > 1 else out

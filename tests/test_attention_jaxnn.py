@@ -349,3 +349,95 @@ def test_static_arguments_are_checked_by_name(name, value):
 
     with pytest.raises(ValueError, match=name):
         jax.jit(call)(jnp.int32(1))
+
+
+def test_soft_cap_full_blocks_and_infinite_logits(rng):
+    # No mask and no bias at T = S = 16 with 4 x 4 blocks: causal attention visits full
+    # blocks (the un-masked branch of the flash forward) as well as partial ones.
+    q, k, v = qkv(rng, (1,), 16, 16, 2, 2, 4)
+    q = q * 4
+    for kw in ({"is_causal": True}, {}):
+        flash = ja.dot_product_attention(q, k, v, logits_soft_cap=2.0, **PATHS["flash"], **kw)
+        ref = reference_attention(q, k, v, logits_soft_cap=2.0, **kw)[0]
+        np.testing.assert_allclose(flash, ref, **TOL)
+    # An unmasked logit of -inf (an Inf in the query) is capped to -cap, a finite logit, as in
+    # the formula: every path returns finite values for that row.
+    q2, k2 = np.zeros((1, 4, 1, 4), np.float32), -np.ones((1, 4, 1, 4), np.float32)
+    q2[0, 0, 0, 0] = np.inf
+    v2 = rng.standard_normal((1, 4, 1, 4)).astype(np.float32)
+    for path in PATHS.values():
+        out = ja.dot_product_attention(q2, k2, v2, is_causal=True, logits_soft_cap=5.0, **path)
+        np.testing.assert_allclose(np.asarray(out)[0, 0], v2[0, 0], atol=1e-6)
+
+
+def test_second_order_with_dropout_lengths_and_the_residual(rng):
+    q, k, v = qkv(rng, (2,), 8, 8, 2, 1, 4)
+    lengths = np.array([8, 5], np.int32)
+    key = jax.random.key(4)
+
+    def second(kw):
+        def loss(q, k, v):
+            out, lse = ja.dot_product_attention(
+                q,
+                k,
+                v,
+                key_value_seq_lengths=lengths,
+                is_causal=True,
+                return_residual=True,
+                dropout_rate=0.25,
+                dropout_key=key,
+                **kw,
+            )
+            return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+        grad = jax.grad(loss, argnums=(0, 1, 2))
+        return jax.grad(lambda *a: sum(jnp.sum(g**2) for g in grad(*a)), argnums=(0, 1, 2))
+
+    want = second(PATHS["xla"])(q, k, v)
+    got = second(PATHS["flash"])(q, k, v)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_padding_of_combined_masks_and_two_batch_dims_is_never_read(rng, path):
+    q, k, v = qkv(rng, (2, 3), 5, 6, 1, 1, 4)
+    tokens = rng.integers(1, 9, (2, 3, 6))
+    tokens[0, 1, 2] = tokens[1, 2, 5] = 0  # pad tokens
+    k[0, 1, 2], v[1, 2, 5] = np.nan, np.inf
+    mask = ja.PaddingMask.from_tokens(kv_tokens=tokens) & ja.CausalMask()
+    valid = np.asarray(mask.key_valid(6))
+    np.testing.assert_array_equal(valid, tokens != 0)
+    out = ja.dot_product_attention(q, k, v, mask=mask, **path)
+    grads = jax.grad(
+        lambda q, v: jnp.sum(ja.dot_product_attention(q, k, v, mask=mask, **path)), argnums=(0, 1)
+    )(q, v)
+    assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(g)) for g in grads)
+    # "or" with a rule that pads nothing: every key may be read, there is no padding.
+    assert (ja.PaddingMask(kv_lengths=np.array([[1, 2, 3]] * 2)) | ja.CausalMask()).key_valid(
+        6
+    ) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"query_seq_lengths": np.array([1.0, 2.0])}, "query_seq_lengths must be an int array"),
+        ({"key_value_seq_lengths": np.array([1, 2, 3])}, "key_value_seq_lengths must have"),
+        ({"scale": np.ones(4, np.float32)}, "scale must be a scalar"),
+        ({"bias": np.ones((2, 5, 5), bool)}, "a bool mask goes in mask="),
+    ],
+)
+def test_keyword_errors_name_the_argument(kwargs, message):
+    q = jnp.ones((2, 5, 1, 4))
+    with pytest.raises(ValueError, match=message):
+        ja.dot_product_attention(q, q, q, **kwargs)
+
+
+def test_lengths_as_one_int_or_a_list_and_unbatched_lengths(rng):
+    q, k, v = qkv(rng, (2,), 4, 6, 1, 1, 4)
+    want = reference_attention(q, k, v, mask=ja.PaddingMask(kv_lengths=3))[0]
+    for lengths in (3, [3, 3], np.array([3, 3])):
+        got = ja.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)
+        np.testing.assert_allclose(got, want, **TOL)
+    with pytest.raises(ValueError, match=r"shape \[\] or \[1\] for unbatched"):
+        ja.dot_product_attention(q[0], k[0], v[0], key_value_seq_lengths=np.array([3, 3]))

@@ -38,8 +38,11 @@ subset runs (23 tests: every test on every path, every value of every parameter 
 every mask mode on the xla path, dense and structured masks with lengths on the flash path);
 the others are collected and skipped. ``JAXATTN_JAX_SUITE=full`` runs all of them.
 
-Changed assertions, each with a comment at the assertion (the numbers are the differences
-from jax.nn documented in :func:`jaxattn.dot_product_attention`):
+Changed assertions, each with a comment at the assertion. The numbers are the documented
+differences from jax.nn (README, "Switching from jax.nn"; the docstring of
+:func:`jaxattn.dot_product_attention`): 1 a row with no key gives 0 (jax.nn: the mean of V);
+2 causal and windows align bottom-right when T != S; 3 the residual is float32, -inf on
+empty rows and differentiable; 4 q, k, v share one dtype and masks are bool.
 
 1. ``testDotProductAttention``, the residual (log-sum-exp) values: ours is float32, jax.nn
    casts it to the input dtype (difference 3). Ours is cast to the input dtype, as jax.nn
