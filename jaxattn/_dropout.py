@@ -44,7 +44,7 @@ def _fmix(h):
 
 def check_rate(rate) -> float:
     """``rate`` as a float in [0, 1), or a ValueError naming ``dropout_rate``."""
-    ok = isinstance(rate, (int, float, np.floating)) and not isinstance(rate, bool)
+    ok = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool)
     if not ok or not 0.0 <= float(rate) < 1.0:
         raise ValueError(f"dropout_rate must be a float in [0, 1), got {rate!r}")
     return float(rate)

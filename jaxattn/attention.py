@@ -103,7 +103,8 @@ def _check_inputs(query, key, value, mask, bias):
         if mb not in ((), batch):
             raise ValueError(
                 f"mask has per-sequence values of batch shape {_fmt(mb)} but query has batch "
-                f"dims {_fmt(batch)}; they must be equal"
+                f"dims {_fmt(batch)}; they must be equal (a mask keeps the batch shape it was "
+                "built with: under jax.vmap, build it inside the mapped function)"
             )
     elif mask is not None:
         mask_dtype = getattr(mask, "dtype", None)
@@ -215,8 +216,8 @@ def _check_window(window):
             "local_window_size must be an int or a (left, right) pair of ints >= 0 "
             f"({_STATIC}), got {_what(window)}"
         )
-    if min(pair) < 0:
-        raise ValueError(f"local_window_size must be >= 0, got {window!r}")
+    if min(pair) < 0 or max(pair) >= 2**31:
+        raise ValueError(f"local_window_size must be in [0, 2**31), got {window!r}")
     return tuple(int(w) for w in pair)
 
 
@@ -236,6 +237,12 @@ def _check_static(
 ):
     """Every static argument, checked before ``jax.jit`` sees it (its error on a traced
     static argument names no argument)."""
+    if isinstance(block_sizes, tuple) and any(isinstance(b, jax.core.Tracer) for b in block_sizes):
+        raise ValueError(
+            f"block_sizes must be a tuple of ints ({_STATIC}), got {_what(block_sizes[0])}"
+        )
+    if implementation == "xla" and block_sizes is not None:
+        raise ValueError("block_sizes are the flash path's; implementation='xla' has no blocks")
     if not isinstance(implementation, (str, type(None))) or implementation not in IMPLEMENTATIONS:
         hint = ""
         if implementation == "reference":  # the dense path's name before it took jax.nn's
@@ -290,7 +297,8 @@ def dot_product_attention(
       value: ``[..., S, K, Hv]``; ``Hv`` may differ from ``H``.
       bias: floating, broadcastable to ``[..., N, T, S]``, added to the logits after the
         scale and the soft cap (ALiBi, relative positions, additive masks; ``-inf`` entries
-        mask like False in ``mask``).
+        mask like False in ``mask``, and so does any biased logit at or below 0.7 times the
+        most negative finite float32, about -2.4e38).
       mask: a mask of :mod:`jaxattn.masks` (:class:`jaxattn.CausalMask`,
         :class:`jaxattn.PaddingMask`, ... combined with ``&`` / ``|``), which the blockwise
         path evaluates per block without building it; or a bool array, True = may attend,
@@ -332,8 +340,8 @@ def dot_product_attention(
       logits_soft_cap: ``c`` replaces the scaled logits ``x`` by ``c * tanh(x / c)`` (Gemma 2,
         Grok-1) before the bias and the mask (tokamax caps after adding the bias), forward and
         backward, on the xla and flash paths (the cuDNN kernel is not used with it).
-      block_sizes: ``(block_q, block_k)`` of the flash path; default by backend
-        (``jaxattn._flash.DEFAULT_BLOCKS``).
+      block_sizes: ``(block_q, block_k)`` of the flash path, used when it runs (refused with
+        ``implementation="xla"``); default by backend (``jaxattn._flash.DEFAULT_BLOCKS``).
       dropout_rate: dropout on the attention weights, in [0, 1): each weight is zeroed with
         this probability and the kept ones are scaled by ``1 / (1 - dropout_rate)``.
       dropout_key: PRNG key of the dropout, needed when ``dropout_rate > 0``. The mask is
@@ -378,12 +386,26 @@ def dot_product_attention(
         local_window_size,
         logits_soft_cap,
     )
-    q_lengths, kv_lengths = (
-        None if x is None else jnp.asarray(x) for x in (query_seq_lengths, key_value_seq_lengths)
-    )
+    for name, x in (("bias", bias), ("mask", mask), ("scale", scale), ("dropout_key", dropout_key)):
+        if isinstance(x, (str, bytes)):
+            raise ValueError(f"{name} must be an array, got the string {x!r}")
+    if scale is not None and (isinstance(scale, (list, tuple)) or np.iscomplexobj(scale)):
+        raise ValueError(f"scale must be a real scalar, got {_what(scale)}")
+    q_lengths = _lengths("query_seq_lengths", query_seq_lengths)
+    kv_lengths = _lengths("key_value_seq_lengths", key_value_seq_lengths)
     return _attention(
         query, key, value, bias, mask, scale, q_lengths, kv_lengths, dropout_key, **statics
     )
+
+
+def _lengths(name: str, x):
+    """Sequence lengths as an array (lists and ints accepted), or a ValueError naming them."""
+    if x is None:
+        return None
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be an int array [...], got {_what(x)}") from e
 
 
 def _unbatched_as_4d(query, key, bias, mask, q_lengths, kv_lengths) -> bool:
@@ -468,6 +490,13 @@ def _attention(
         if dropout_key is None:
             raise ValueError(f"dropout_rate={rate} needs a dropout_key (a PRNG key), got None")
         seed = dropout.seed_words(dropout_key)
+    if logits_soft_cap is not None and logits_soft_cap >= float(
+        jnp.finfo(acc_dtype(query.dtype)).max
+    ):
+        raise ValueError(
+            f"logits_soft_cap={logits_soft_cap} overflows {acc_dtype(query.dtype)}, the dtype "
+            "the logits are computed in"
+        )
     if scale is None:
         scale = 1.0 / math.sqrt(h)
     elif jnp.ndim(scale) != 0:

@@ -425,6 +425,13 @@ def test_padding_of_combined_masks_and_two_batch_dims_is_never_read(rng, path):
         ({"key_value_seq_lengths": np.array([1, 2, 3])}, "key_value_seq_lengths must have"),
         ({"scale": np.ones(4, np.float32)}, "scale must be a scalar"),
         ({"bias": np.ones((2, 5, 5), bool)}, "a bool mask goes in mask="),
+        ({"bias": "abc"}, "bias must be an array, got the string"),
+        ({"scale": [1.0]}, "scale must be a real scalar"),
+        ({"scale": 1j}, "scale must be a real scalar"),
+        ({"query_seq_lengths": [None, 3]}, "query_seq_lengths must be an int array"),
+        ({"logits_soft_cap": 1e39}, "logits_soft_cap=1e[+]39 overflows float32"),
+        ({"local_window_size": 2**40}, r"local_window_size must be in \[0, 2\*\*31\)"),
+        ({"implementation": "xla", "block_sizes": (4, 4)}, "implementation='xla' has no blocks"),
     ],
 )
 def test_keyword_errors_name_the_argument(kwargs, message):

@@ -137,7 +137,9 @@ def attention_fn(
       (Flax sows the pre-dropout weights; our kernel only returns post-dropout ones).
       *Errors*: ``ValueError`` for mismatched ranks, batch dims, lengths, head dims or head
       counts (wording ours, naming the arguments), for dropout without ``dropout_rng``, and
-      for a ``promote_dtype`` that leaves q, k, v in different dtypes.
+      for a ``promote_dtype`` that leaves q, k, v in different dtypes. Refused where Flax
+      accepts: a ``jax.lax.DotAlgorithmPreset`` as ``precision`` (only ``Precision`` levels
+      map onto our matmuls) and an integer ``bias`` (cast it to a float dtype).
     """
     query, key, value = promote_dtype((query, key, value), dtype=dtype)
     if not query.ndim == key.ndim == value.ndim:
