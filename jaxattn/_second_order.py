@@ -80,10 +80,6 @@ def _pad_to(x, like):
     return jnp.pad(x, [(0, b - a) for a, b in zip(x.shape, like.shape, strict=True)])
 
 
-def _float_args(q, k, v, bias, scale):
-    return (q, k, v, bias, scale)
-
-
 def with_dense_tangents(forward, backward):
     """``(forward, backward)``, the flash loops, as ``jax.custom_jvp`` functions whose
     tangents come from :func:`dense_attention` and its VJP.
@@ -105,14 +101,13 @@ def with_dense_tangents(forward, backward):
         q, k, v, spec, mask, bias, scale, seed = primals
         dq, dk, dv, _, _, d_bias, d_scale, _ = tangents
         out, lse = fwd(geo, *primals)
-        args = _float_args(q, k, v, bias, scale)
-        dots = _float_args(dq, dk, dv, d_bias, d_scale)
-        _, (t_out, t_lse) = jax.jvp(dense(geo, spec, mask, seed), args, _instantiate(args, dots))
+        # Tangents arrive instantiated (custom_jvp's default): zeros, never symbolic.
+        args, dots = (q, k, v, bias, scale), (dq, dk, dv, d_bias, d_scale)
+        _, (t_out, t_lse) = jax.jvp(dense(geo, spec, mask, seed), args, dots)
         return (out, lse), (_pad_to(t_out, out), _pad_to(t_lse, lse))
 
     def dense_grads(geo, spec, mask, seed, q, k, v, bias, scale, d_out, d_lse):
-        args = _float_args(q, k, v, bias, scale)
-        (out, lse), vjp = jax.vjp(dense(geo, spec, mask, seed), *args)
+        (out, lse), vjp = jax.vjp(dense(geo, spec, mask, seed), q, k, v, bias, scale)
         d_lse = jnp.where(lse == jnp.inf, 0.0, d_lse[:, :, : geo.t])
         grads = vjp((d_out[:, : geo.t].astype(out.dtype), d_lse.astype(lse.dtype)))
         return grads
@@ -128,7 +123,7 @@ def with_dense_tangents(forward, backward):
 
         args = (q, k, v, bias, scale, d_out, d_lse)
         dots = (dq, dk, dv, t_bias, t_scale, t_dout, t_dlse)
-        _, t_grads = jax.jvp(grads, args, _instantiate(args, dots))
+        _, t_grads = jax.jvp(grads, args, dots)
         t_q, t_k, t_v, t_b, t_s = t_grads
         padded = (
             _pad_to(t_q, result[0]),
@@ -140,19 +135,3 @@ def with_dense_tangents(forward, backward):
         return result, padded
 
     return fwd, bwd
-
-
-def _instantiate(args, dots):
-    """Symbolic-zero tangents as arrays (``jax.jvp`` wants one per primal)."""
-    return tuple(
-        None if a is None else (jnp.zeros_like(a) if _is_zero(d) else d)
-        for a, d in zip(args, dots, strict=True)
-    )
-
-
-def _is_zero(d) -> bool:
-    return (
-        d is None
-        or isinstance(d, jax.custom_derivatives.SymbolicZero)
-        or (hasattr(d, "dtype") and d.dtype == jax.dtypes.float0)
-    )

@@ -391,11 +391,43 @@ def dot_product_attention(
             raise ValueError(f"{name} must be an array, got the string {x!r}")
     if scale is not None and (isinstance(scale, (list, tuple)) or np.iscomplexobj(scale)):
         raise ValueError(f"scale must be a real scalar, got {_what(scale)}")
-    q_lengths = _lengths("query_seq_lengths", query_seq_lengths)
-    kv_lengths = _lengths("key_value_seq_lengths", key_value_seq_lengths)
-    return _attention(
+    q_lengths, kv_lengths = (
+        _lengths(n, x)
+        for n, x in zip(_LENGTHS, (query_seq_lengths, key_value_seq_lengths), strict=True)
+    )
+    unbatched = _unbatched_as_4d(query, key, bias, mask, q_lengths, kv_lengths)
+    if unbatched:  # jax.nn's unbatched call: a batch of one, as jax.nn does it, dropped after
+        query, key, value, bias, mask = (_one(x) for x in (query, key, value, bias, mask))
+        q_lengths, kv_lengths = (
+            _one_length(n, x) for n, x in zip(_LENGTHS, (q_lengths, kv_lengths), strict=True)
+        )
+    result = _attention(
         query, key, value, bias, mask, scale, q_lengths, kv_lengths, dropout_key, **statics
     )
+    return jax.tree_util.tree_map(lambda x: x[0], result) if unbatched else result
+
+
+_LENGTHS = ("query_seq_lengths", "key_value_seq_lengths")
+
+
+def _one(x):
+    """A batch of one: ``x[None]``, except for None, masks of :mod:`jaxattn.masks` and 4-D
+    arrays (jax.nn's ``[1, N, T, S]`` masks and biases, already batched)."""
+    if x is None or isinstance(x, MaskSpec) or jnp.ndim(x) == 4:
+        return x
+    return jnp.asarray(x)[None]
+
+
+def _one_length(name: str, x):
+    """Lengths of an unbatched call: ``[]`` or ``[1]``, as ``[1]``."""
+    if x is None:
+        return None
+    if x.shape not in ((), (1,)):
+        raise ValueError(
+            f"{name} must have shape [] or [1] for unbatched [T, N, H] inputs, "
+            f"got shape {_fmt(x.shape)}"
+        )
+    return jnp.reshape(x, (1,))
 
 
 def _lengths(name: str, x):
@@ -450,37 +482,6 @@ def _attention(
     local_window_size,
     logits_soft_cap,
 ):
-    if _unbatched_as_4d(query, key, bias, mask, query_seq_lengths, key_value_seq_lengths):
-        # jax.nn's unbatched call: a batch of one, as jax.nn does it, then dropped again.
-        def one(x):
-            return x if x is None or isinstance(x, MaskSpec) or x.ndim == 4 else x[None]
-
-        for name, x in (
-            ("query_seq_lengths", query_seq_lengths),
-            ("key_value_seq_lengths", key_value_seq_lengths),
-        ):
-            if x is not None and x.shape not in ((), (1,)):
-                raise ValueError(
-                    f"{name} must have shape [] or [1] for unbatched [T, N, H] inputs, "
-                    f"got shape {_fmt(x.shape)}"
-                )
-        lengths = (
-            None if x is None else jnp.reshape(x, (1,))
-            for x in (query_seq_lengths, key_value_seq_lengths)
-        )
-        batched = (one(x) for x in (query, key, value, bias, mask))
-        statics = {
-            "is_causal": is_causal,
-            "return_residual": return_residual,
-            "return_weights": return_weights,
-            "implementation": implementation,
-            "block_sizes": block_sizes,
-            "dropout_rate": dropout_rate,
-            "local_window_size": local_window_size,
-            "logits_soft_cap": logits_soft_cap,
-        }
-        result = _attention(*batched, scale, *lengths, dropout_key, **statics)
-        return jax.tree_util.tree_map(lambda x: x[0], result)
     dims = _check_inputs(query, key, value, mask, bias)
     batch, t, s, *_, h, _ = dims
     rules = _rules(is_causal, local_window_size, query_seq_lengths, key_value_seq_lengths, batch)

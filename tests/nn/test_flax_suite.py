@@ -261,31 +261,21 @@ def test_nnx_attention_equivalence(use_bias, dtype, param_dtype, precision, deco
     out_features = 6
 
     x = jax.numpy.ones((1, in_features))
+    shared = {  # the settings both modules take
+        "num_heads": num_heads,
+        "qkv_features": qkv_features,
+        "out_features": out_features,
+        "use_bias": use_bias,
+        "dtype": dtype,
+        "param_dtype": param_dtype,
+        "precision": precision,
+        "decode": decode,
+        "normalize_qk": normalize_qk,
+    }
     model_nnx = nnx.MultiHeadAttention(
-        num_heads=num_heads,
-        in_features=in_features,
-        qkv_features=qkv_features,
-        out_features=out_features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        precision=precision,
-        decode=decode,
-        normalize_qk=normalize_qk,
-        attention_fn=attention_fn,
-        rngs=rngs,
+        in_features=in_features, attention_fn=attention_fn, rngs=rngs, **shared
     )
-    model = linen.MultiHeadDotProductAttention(
-        num_heads=num_heads,
-        qkv_features=qkv_features,
-        out_features=out_features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        precision=precision,
-        decode=decode,
-        normalize_qk=normalize_qk,
-    )
+    model = linen.MultiHeadDotProductAttention(**shared)
     variables = model.init(key, x)
 
     for qkvo in ("query", "key", "value", "out"):
