@@ -511,4 +511,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the rows printed so far stand; nothing is written to disk
+        print("\ninterrupted: the rows above are complete, the rest was not measured")
+        sys.exit(130)
