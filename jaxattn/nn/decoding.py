@@ -1,59 +1,257 @@
-"""Greedy generation from a TinyDecoder, one jitted loop per (model, shape)."""
+"""Generation from a TinyDecoder with a key/value cache: prefill, then one token per step.
+
+The prompts go through the model once (:meth:`TinyDecoder.prefill`, the blockwise kernel
+for long prompts), then each new token costs one :meth:`TinyDecoder.decode_step`: O(S) work
+per layer instead of rerunning the whole sequence. The loop is one jitted
+``lax.while_loop`` that stops early once every sequence has produced its stop token.
+
+Prompts of different lengths share a batch, right-padded: sequence b's tokens go to
+positions ``len_b, len_b + 1, ...`` of its own part of the cache, so each row is decoded
+exactly as it would be alone.
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+__all__ = ["GREEDY", "Sampling", "decode", "generate", "sample_next"]
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def greedy_tokens(graphdef, state, prompts, max_new_tokens: int):
-    """:func:`generate` on a split model (``nnx.split``): usable inside a jitted function."""
+PAD = 0  # what follows a sequence's stop token (the tasks' PAD id)
+
+
+class Sampling(NamedTuple):
+    """How the next token is chosen from the logits (static: each setting compiles once).
+
+    temperature: 0 is greedy (argmax); otherwise logits / temperature are sampled.
+    top_k: sample only among the k most likely tokens (None: all).
+    top_p: sample only among the most likely tokens whose probabilities sum to at least p
+      (nucleus sampling; the most likely token is always kept; None or 1.0: all).
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+GREEDY = Sampling()
+
+
+def sample_next(logits, key, sampling: Sampling):
+    """The next token of each row of float ``logits [B, V]``: int32 ``[B]``.
+
+    Temperature first, then top-k, then top-p on what is left (the order of most
+    libraries). Greedy (temperature 0) ignores ``key``. Ties in argmax go to the lowest id.
+    """
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    v = logits.shape[-1]
+    k = v if sampling.top_k is None else min(sampling.top_k, v)
+    # The k largest logits, sorted descending (k = V sorts them all), and their ids.
+    top, ids = jax.lax.top_k(logits.astype(jnp.float32) / sampling.temperature, k)
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        probs = jax.nn.softmax(top, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
+        top = jnp.where(before < sampling.top_p, top, -jnp.inf)  # rank 0 always kept
+    choice = jax.random.categorical(key, top, axis=-1)
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "stop_token")
+)
+def decode(
+    graphdef,
+    state,
+    prompts,
+    lengths,
+    key,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    stop_token: int | None = None,
+):
+    """:func:`generate` on a split model (``nnx.split``), without the checks: jit-able.
+
+    ``prompts`` int32 ``[B, P]`` right-padded, ``lengths`` int32 ``[B]`` (1 <= len <= P),
+    ``key`` a PRNG key. Returns int32 ``[B, P + max_new_tokens]``: row b is its prompt,
+    its new tokens, then PAD.
+    """
     model = nnx.merge(graphdef, state)
     b, p = prompts.shape
-    total = p + max_new_tokens
-    tokens = jnp.concatenate([prompts, jnp.zeros((b, max_new_tokens), prompts.dtype)], axis=1)
+    rows = jnp.arange(b)
+    # The prompt of each row, PAD after it, then room for the new tokens.
+    tokens = jnp.where(jnp.arange(p) < lengths[:, None], prompts, PAD)
+    tokens = jnp.concatenate([tokens, jnp.full((b, max_new_tokens), PAD, jnp.int32)], axis=1)
+    if max_new_tokens == 0:
+        return tokens
+    cache = model.init_cache(b, p + max_new_tokens)
+    logits, cache = model.prefill(prompts, cache, lengths)
+    logits = logits[rows, lengths - 1]  # [B, V]: what follows each prompt
 
-    def step(i, tokens):
-        # The whole (fixed-size) buffer is run every step: causal attention keeps the
-        # not-yet-written tail from reaching position p + i - 1, so its logits are exact.
-        # Recomputing costs O(total^2) per step, nothing at these lengths; a KV cache is
-        # the way for long generations.
-        logits = model(tokens)
-        pos = p + i - 1
-        next_token = jnp.argmax(logits[:, pos], axis=-1).astype(tokens.dtype)
-        return tokens.at[:, pos + 1].set(next_token)
+    def emit(i, tokens, logits, done):
+        """Choose token i of every row, write it after the row's prompt; PAD once done."""
+        new = sample_next(logits, jax.random.fold_in(key, i), sampling)
+        new = jnp.where(done, PAD, new)
+        tokens = tokens.at[rows, lengths + i].set(new)
+        if stop_token is not None:
+            done = done | (new == stop_token)
+        return tokens, new, done
 
-    return jax.lax.fori_loop(0, total - p, step, tokens)
+    tokens, new, done = emit(0, tokens, logits, jnp.zeros((b,), bool))
+
+    def more(carry):
+        i, _, _, _, done = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def step(carry):
+        i, tokens, new, cache, done = carry
+        logits, cache = model.decode_step(new, cache)
+        tokens, new, done = emit(i, tokens, logits, done)
+        return i + 1, tokens, new, cache, done
+
+    carry = (jnp.int32(1), tokens, new, cache, done)
+    return jax.lax.while_loop(more, step, carry)[1]
 
 
-def generate(model: nnx.Module, prompts, max_new_tokens: int) -> jax.Array:
-    """Greedy decoding: the prompts followed by ``max_new_tokens`` argmax tokens.
+def _as_prompts(prompts, prompt_lengths):
+    """Prompts as int32 ``[B, P]`` (right-padded) and int32 lengths ``[B]``, checked."""
+    if (
+        isinstance(prompts, (list, tuple))
+        and prompts
+        and all(
+            isinstance(p, (list, tuple, np.ndarray, jax.Array)) and np.ndim(p) == 1 for p in prompts
+        )
+    ):
+        if prompt_lengths is not None:
+            raise ValueError("prompt_lengths is for a padded [B, P] array, not a list of prompts")
+        rows = [np.asarray(p) for p in prompts]
+        for i, row in enumerate(rows):
+            if row.size and not np.issubdtype(row.dtype, np.integer):
+                raise ValueError(f"prompt {i} must hold int token ids, got dtype {row.dtype}")
+        prompt_lengths = np.array([r.size for r in rows])
+        width = int(prompt_lengths.max())
+        prompts = np.full((len(rows), width), PAD, np.int64)
+        for i, row in enumerate(rows):
+            prompts[i, : row.size] = row
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2 or prompts.shape[1] < 1 or prompts.shape[0] < 1:
+        raise ValueError(
+            f"prompts must be an int array [B, P] with B, P >= 1 (or a list of token lists), "
+            f"got shape {prompts.shape}"
+        )
+    if not np.issubdtype(prompts.dtype, np.integer):
+        raise ValueError(f"prompts must hold int token ids, got dtype {prompts.dtype}")
+    b, p = prompts.shape
+    if prompt_lengths is None:
+        lengths = np.full((b,), p)
+    else:
+        lengths = np.asarray(prompt_lengths)
+        if lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(
+                f"prompt_lengths must be {b} ints (one per prompt), got {lengths.dtype} "
+                f"of shape {lengths.shape}"
+            )
+    if lengths.min() < 1 or lengths.max() > p:
+        bad = int(np.flatnonzero((lengths < 1) | (lengths > p))[0])
+        raise ValueError(
+            f"prompt {bad} has length {int(lengths[bad])}; lengths must be in [1, {p}]"
+        )
+    return prompts, lengths
+
+
+def _check_vocabulary(prompts, lengths, vocab_size: int) -> None:
+    real = np.arange(prompts.shape[1]) < lengths[:, None]
+    bad = real & ((prompts < 0) | (prompts >= vocab_size))
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(
+            f"prompt {row}, position {col}: token {int(prompts[row, col])} is outside the "
+            f"model's vocabulary [0, {vocab_size})"
+        )
+
+
+def _check_number(name, value, ok, want):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not ok(value):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def generate(
+    model: nnx.Module,
+    prompts,
+    max_new_tokens: int,
+    *,
+    prompt_lengths=None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token: int | None = None,
+    key=0,
+) -> jax.Array:
+    """Continue each prompt by up to ``max_new_tokens`` tokens, with a key/value cache.
 
     Args:
-      model: a TinyDecoder (or any NNX module mapping int ``[B, T]`` to logits ``[B, T, V]``).
-      prompts: int ``[B, P]``, P >= 1, all of the same length.
-      max_new_tokens: how many tokens to append (>= 0); P + max_new_tokens must not exceed the
-        model's ``max_len``.
+      model: a :class:`~jaxattn.nn.TinyDecoder`.
+      prompts: int ``[B, P]``, or a list of B token lists of different lengths.
+      max_new_tokens: tokens to add to each prompt (>= 0); the longest prompt plus this
+        must not exceed the model's ``max_len``.
+      prompt_lengths: int ``[B]`` with a ``[B, P]`` array whose rows are right-padded: how
+        many tokens of each row are the prompt (default: all P).
+      temperature: 0 (the default) decodes greedily; above 0 samples from
+        softmax(logits / temperature).
+      top_k: sample only among the k most likely tokens.
+      top_p: sample only among the most likely tokens whose probability sums to top_p.
+      stop_token: a token id that ends a sequence: it is kept, PAD follows it, and the
+        loop stops once every sequence has stopped.
+      key: a PRNG key or an int seed for sampling (the same key, the same tokens).
 
     Returns:
-      int32 ``[B, P + max_new_tokens]``.
+      int32 ``[B, P + max_new_tokens]``: row b holds its prompt, its new tokens, then PAD
+      (PAD = 0) up to the end.
+
+    Raises ValueError (one line) for malformed prompts, a token outside ``[0,
+    vocab_size)``, a too long generation or a bad sampling setting.
     """
-    prompts = jnp.asarray(prompts)
-    if prompts.ndim != 2 or prompts.shape[1] < 1:
-        raise ValueError(f"prompts must be an int array [B, P] with P >= 1, got {prompts.shape}")
-    if not jnp.issubdtype(prompts.dtype, jnp.integer):
-        raise ValueError(f"prompts must hold int token ids, got dtype {prompts.dtype}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    max_len = getattr(getattr(model, "config", None), "max_len", None)
-    if max_len is not None and prompts.shape[1] + max_new_tokens > max_len:
+    prompts, lengths = _as_prompts(prompts, prompt_lengths)
+    _check_number("max_new_tokens", max_new_tokens, lambda x: x >= 0 and int(x) == x, "an int >= 0")
+    max_new_tokens = int(max_new_tokens)
+    _check_number("temperature", temperature, lambda x: 0 <= x < np.inf, "a finite float >= 0")
+    if top_k is not None:
+        _check_number("top_k", top_k, lambda x: x >= 1 and int(x) == x, "an int >= 1 or None")
+    if top_p is not None:
+        _check_number("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1] or None")
+    vocab_size = getattr(model, "vocab_size", None)
+    if vocab_size is not None:
+        _check_vocabulary(prompts, lengths, vocab_size)
+        if stop_token is not None:
+            _check_number(
+                "stop_token",
+                stop_token,
+                lambda x: 0 <= x < vocab_size and int(x) == x,
+                f"a token id in [0, {vocab_size}) or None",
+            )
+    max_len = model.config.max_len
+    if prompts.shape[1] + max_new_tokens > max_len:
         raise ValueError(
             f"prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
             f"model.max_len {max_len}"
         )
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        key = jax.random.key(int(key))
+    sampling = Sampling(float(temperature), None if top_k is None else int(top_k), top_p)
     graphdef, state = nnx.split(model)
-    return greedy_tokens(graphdef, state, prompts.astype(jnp.int32), max_new_tokens)
+    return decode(
+        graphdef,
+        state,
+        jnp.asarray(prompts, jnp.int32),
+        jnp.asarray(lengths, jnp.int32),
+        key,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_token=None if stop_token is None else int(stop_token),
+    )

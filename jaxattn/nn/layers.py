@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.attention import dot_product_attention
+from jaxattn.nn.cache import LayerCache
 from jaxattn.nn.config import ModelConfig
 
 # The values ModelConfig's string fields may take, implemented here and in jaxattn.nn.model.
@@ -40,11 +41,16 @@ def sinusoidal_positions(length: int, d_model: int) -> jax.Array:
 
     Even channels 2i hold sin(pos / 10000^(2i/D)), odd channels cos of the same angle.
     """
-    pos = jnp.arange(length, dtype=jnp.float32)[:, None]
+    return sinusoidal_at(jnp.arange(length), d_model)
+
+
+def sinusoidal_at(positions, d_model: int) -> jax.Array:
+    """:func:`sinusoidal_positions` at int ``positions`` of any shape: float32 ``[..., D]``."""
+    pos = jnp.asarray(positions, jnp.float32)[..., None]
     inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)
-    angles = pos * inv_freq[None, :]  # [T, D/2]
-    enc = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [T, D/2, 2]
-    return enc.reshape(length, -1)[:, :d_model]
+    angles = pos * inv_freq  # [..., D/2]
+    enc = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [..., D/2, 2]
+    return enc.reshape(*angles.shape[:-1], -1)[..., :d_model]
 
 
 def apply_rotary(x, positions):
@@ -74,6 +80,7 @@ class MultiHeadAttention(nnx.Module):
     Projections: Q ``[D -> N*H]``, K and V ``[D -> K*H]``, output ``[N*H -> D]``, H = D / N.
     Calls :func:`jaxattn.dot_product_attention` with ``is_causal=True`` (and, when given a
     key, its attention dropout), so long sequences take the blockwise path in training too.
+    For generation, :meth:`prefill` and :meth:`step` read and write a :class:`LayerCache`.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -88,15 +95,24 @@ class MultiHeadAttention(nnx.Module):
         self.v_proj = nnx.Linear(d, self.num_kv_heads * self.head_dim, rngs=rngs)
         self.out_proj = nnx.Linear(self.num_heads * self.head_dim, d, rngs=rngs)
 
-    def __call__(self, x, *, key=None, return_weights: bool = False):
-        """``x [B, T, D]`` -> ``[B, T, D]`` (and weights ``[B, N, T, T]`` if asked)."""
+    def _project(self, x, positions):
+        """``x [B, T, D]`` at int ``positions`` (``[T]`` or ``[B, T]``) -> q ``[B, T, N, H]``,
+        k and v ``[B, T, K, H]``, rotary already applied to q and k."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.rotary:
-            positions = jnp.arange(t)
             q, k = apply_rotary(q, positions), apply_rotary(k, positions)
+        return q, k, v
+
+    def _merge_heads(self, out):
+        b, t = out.shape[:2]
+        return self.out_proj(out.reshape(b, t, -1))
+
+    def __call__(self, x, *, key=None, return_weights: bool = False):
+        """``x [B, T, D]`` -> ``[B, T, D]`` (and weights ``[B, N, T, T]`` if asked)."""
+        q, k, v = self._project(x, jnp.arange(x.shape[1]))
         drop = {}
         if key is not None and self.attention_dropout > 0.0:
             drop = {"dropout_rate": self.attention_dropout, "dropout_key": key}
@@ -104,8 +120,42 @@ class MultiHeadAttention(nnx.Module):
             q, k, v, is_causal=True, return_weights=return_weights, **drop
         )
         out, weights = result if return_weights else (result, None)
-        out = self.out_proj(out.reshape(b, t, -1))
+        out = self._merge_heads(out)
         return (out, weights) if return_weights else out
+
+    def prefill(self, x, cache: LayerCache):
+        """Attention of prompts ``x [B, P, D]`` over themselves, their keys and values written
+        to ``cache`` slots ``[0, P)``. Returns (``[B, P, D]``, the new cache).
+
+        Causal attention within the prompts only (a long prompt takes the blockwise path),
+        not over the whole cache. Prompts shorter than P are right-padded: causality keeps
+        the padding out of every real token's row, and the padding's keys are written but
+        never read (:meth:`step` masks slots at or beyond each sequence's length).
+        """
+        q, k, v = self._project(x, jnp.arange(x.shape[1]))
+        out = dot_product_attention(q, k, v, is_causal=True)
+        keys = jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), 0, 1)
+        values = jax.lax.dynamic_update_slice_in_dim(
+            cache.values, v.astype(cache.values.dtype), 0, 1
+        )
+        return self._merge_heads(out), LayerCache(keys, values)
+
+    def step(self, x, cache: LayerCache, lengths):
+        """One new token per sequence, ``x [B, 1, D]``, sequence b's at position
+        ``lengths[b]`` (int32 ``[B]``, the tokens already in the cache).
+
+        Its key and value go to slot ``lengths[b]``, then it attends over slots
+        ``[0, lengths[b]]``: the causal mask aligned bottom-right to each sequence's part
+        of the cache, the slots after it (padding, or not yet written) masked as padding.
+        Returns (``[B, 1, D]``, the new cache). A ``lengths[b]`` outside the cache writes
+        nothing (the caller keeps lengths below the cache size).
+        """
+        q, k, v = self._project(x, lengths[:, None])
+        rows = jnp.arange(x.shape[0])
+        keys = cache.keys.at[rows, lengths].set(k[:, 0].astype(cache.keys.dtype), mode="drop")
+        values = cache.values.at[rows, lengths].set(v[:, 0].astype(cache.values.dtype), mode="drop")
+        out = dot_product_attention(q, keys, values, key_value_seq_lengths=lengths + 1)
+        return self._merge_heads(out), LayerCache(keys, values)
 
 
 class FeedForward(nnx.Module):
@@ -137,10 +187,28 @@ class DecoderBlock(nnx.Module):
         self.norm2 = nnx.LayerNorm(config.d_model, rngs=rngs)
 
     def __call__(self, x, *, key=None, return_weights: bool = False):
+        """``x [B, T, D]`` -> (``[B, T, D]``, attention weights ``[B, N, T, T]`` or None)."""
         k_attn, k_drop1, k_ff, k_drop2 = split_keys(key, 4)
+
+        def attend(h):
+            out = self.attention(h, key=k_attn, return_weights=return_weights)
+            return out if return_weights else (out, None)
+
+        return self._residuals(x, attend, k_drop1, k_ff, k_drop2)
+
+    def prefill(self, x, cache: LayerCache):
+        """:meth:`MultiHeadAttention.prefill` in the block: (``[B, P, D]``, new cache)."""
+        return self._residuals(x, lambda h: self.attention.prefill(h, cache))
+
+    def step(self, x, cache: LayerCache, lengths):
+        """:meth:`MultiHeadAttention.step` in the block: (``[B, 1, D]``, new cache)."""
+        return self._residuals(x, lambda h: self.attention.step(h, cache, lengths))
+
+    def _residuals(self, x, attend, k_drop1=None, k_ff=None, k_drop2=None):
+        """The two residual branches around ``attend(h) -> (out, extra)``; returns
+        (x, extra)."""
         h = self.norm1(x) if self.pre_norm else x
-        attn = self.attention(h, key=k_attn, return_weights=return_weights)
-        attn, weights = attn if return_weights else (attn, None)
+        attn, extra = attend(h)
         x = x + dropout(attn, self.rate, k_drop1)
         if not self.pre_norm:
             x = self.norm1(x)
@@ -148,4 +216,4 @@ class DecoderBlock(nnx.Module):
         x = x + dropout(self.feed_forward(h, key=k_ff), self.rate, k_drop2)
         if not self.pre_norm:
             x = self.norm2(x)
-        return x, weights
+        return x, extra

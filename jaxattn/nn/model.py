@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.nn.cache import KVCache
 from jaxattn.nn.config import ModelConfig
-from jaxattn.nn.layers import DecoderBlock, dropout, sinusoidal_positions, split_keys
+from jaxattn.nn.layers import DecoderBlock, dropout, sinusoidal_at, split_keys
 
 __all__ = ["TinyDecoder"]
 
@@ -41,30 +42,86 @@ class TinyDecoder(nnx.Module):
             self.unembed = nnx.Linear(d, vocab_size, rngs=rngs)
 
     def __call__(self, tokens, *, key=None, return_attention: bool = False):
-        cfg = self.config
         t = tokens.shape[1]
-        if t > cfg.max_len:
-            raise ValueError(f"tokens have length {t} but model.max_len is {cfg.max_len}")
-        x = self.embed(tokens) * math.sqrt(cfg.d_model)
-        if cfg.positions == "sinusoidal":
-            x = x + sinusoidal_positions(t, cfg.d_model)[None]
-        elif cfg.positions == "learned":
-            x = x + self.position_embed(jnp.arange(t))[None]
+        if t > self.config.max_len:
+            raise ValueError(f"tokens have length {t} but model.max_len is {self.config.max_len}")
         keys = split_keys(key, len(self.blocks) + 1)
-        x = dropout(x, cfg.dropout, keys[-1])
+        x = self._embed(tokens, jnp.arange(t), keys[-1])
         weights = []
         for block, k in zip(self.blocks, keys[:-1], strict=False):
             x, w = block(x, key=k, return_weights=return_attention)
             weights.append(w)
-        x = self.final_norm(x)
-        if cfg.tie_embeddings:
-            logits = self.embed.attend(x)
-        else:
-            logits = self.unembed(x)
-        logits = logits.astype(jnp.float32)
+        logits = self._logits(x)
         if return_attention:
             return logits, jnp.stack(weights)
         return logits
+
+    # ------------------------------------------------------------------ generation, cached
+
+    def init_cache(self, batch_size: int, size: int, dtype=jnp.float32) -> KVCache:
+        """An empty :class:`KVCache` of ``size`` slots (1 <= size <= ``max_len``) for
+        ``batch_size`` sequences: per layer ``2 * B * size * K * H`` numbers of ``dtype``."""
+        if not 1 <= size <= self.config.max_len:
+            raise ValueError(
+                f"cache size must be in [1, model.max_len={self.config.max_len}], got {size}"
+            )
+        attention = self.blocks[0].attention
+        return KVCache.zeros(
+            len(self.blocks), batch_size, size, attention.num_kv_heads, attention.head_dim, dtype
+        )
+
+    def prefill(self, tokens, cache: KVCache, lengths=None):
+        """Run prompts ``tokens`` (int ``[B, P]``, right-padded) into an empty ``cache``.
+
+        ``lengths`` (int ``[B]``, default all P) says how many tokens of each row are the
+        prompt. Returns (float32 logits ``[B, P, V]``, the cache holding them): the logits
+        of row b at ``lengths[b] - 1`` predict its first new token; those at padding are
+        meaningless. One call, causal attention within the prompts (the blockwise path for
+        long ones); the cache's earlier contents are overwritten, never read.
+        """
+        b, p = tokens.shape
+        if p > cache.size:
+            raise ValueError(f"prompts of length {p} do not fit a cache of {cache.size} slots")
+        x = self._embed(tokens, jnp.arange(p))
+        layers = []
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x, layer = block.prefill(x, layer)
+            layers.append(layer)
+        lengths = (
+            jnp.full((b,), p, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        )
+        return self._logits(x), KVCache(tuple(layers), lengths)
+
+    def decode_step(self, tokens, cache: KVCache):
+        """Append one token per sequence (int ``[B]``, sequence b's at position
+        ``cache.lengths[b]``) and return (float32 logits ``[B, V]`` of the next one, the
+        cache with every length one longer). The caller keeps lengths below
+        ``cache.size`` (a token past the end is not stored)."""
+        lengths = cache.lengths
+        x = self._embed(tokens[:, None], lengths[:, None])
+        layers = []
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x, layer = block.step(x, layer, lengths)
+            layers.append(layer)
+        return self._logits(x)[:, 0], KVCache(tuple(layers), lengths + 1)
+
+    # ------------------------------------------------------------------ shared
+
+    def _embed(self, tokens, positions, key=None):
+        """Token embeddings plus position encodings at ``positions`` (``[T]`` or
+        ``[B, T]``; rotary positions are applied in attention instead)."""
+        cfg = self.config
+        x = self.embed(tokens) * math.sqrt(cfg.d_model)
+        if cfg.positions == "sinusoidal":
+            x = x + sinusoidal_at(positions, cfg.d_model)
+        elif cfg.positions == "learned":
+            x = x + self.position_embed(positions)
+        return dropout(x, cfg.dropout, key)
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.config.tie_embeddings else self.unembed(x)
+        return logits.astype(jnp.float32)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxattn.nn.decoding import greedy_tokens
+from jaxattn.nn import decoding
 from jaxattn.nn.model import TinyDecoder
 from jaxattn.train import tasks
 from jaxattn.train.config import Config
@@ -120,7 +120,10 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
         acc = token_accuracy(logits, batch.targets, batch.loss_mask)
         if decode:
             prompts = jnp.concatenate([batch.inputs[:, :1], batch.targets[:, :first]], axis=1)
-            predicted = greedy_tokens(graphdef, params, prompts, answer_len)[:, prompt_len:]
+            lengths = jnp.full(prompts.shape[:1], prompt_len, jnp.int32)
+            predicted = decoding.decode(
+                graphdef, params, prompts, lengths, None, max_new_tokens=answer_len
+            )[:, prompt_len:]
         else:
             predicted = jnp.argmax(logits[:, first:], axis=-1)
         correct = jnp.all(predicted == batch.targets[:, first:], axis=1)
