@@ -86,7 +86,7 @@ def decode(
     b, p = prompts.shape
     rows = jnp.arange(b)
     # The prompt of each row, PAD after it, then room for the new tokens.
-    tokens = jnp.where(jnp.arange(p) < lengths[:, None], prompts, PAD)
+    tokens = jnp.where(jnp.arange(p)[None] < lengths[:, None], prompts, PAD)
     tokens = jnp.concatenate([tokens, jnp.full((b, max_new_tokens), PAD, jnp.int32)], axis=1)
     if max_new_tokens == 0:
         return tokens

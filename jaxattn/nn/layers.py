@@ -48,7 +48,7 @@ def sinusoidal_at(positions, d_model: int) -> jax.Array:
     """:func:`sinusoidal_positions` at int ``positions`` of any shape: float32 ``[..., D]``."""
     pos = jnp.asarray(positions, jnp.float32)[..., None]
     inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)
-    angles = pos * inv_freq  # [..., D/2]
+    angles = pos * inv_freq.reshape((1,) * (pos.ndim - 1) + inv_freq.shape)  # [..., D/2]
     enc = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [..., D/2, 2]
     return enc.reshape(*angles.shape[:-1], -1)[..., :d_model]
 

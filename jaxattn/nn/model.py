@@ -112,10 +112,12 @@ class TinyDecoder(nnx.Module):
         ``[B, T]``; rotary positions are applied in attention instead)."""
         cfg = self.config
         x = self.embed(tokens) * math.sqrt(cfg.d_model)
-        if cfg.positions == "sinusoidal":
-            x = x + sinusoidal_at(positions, cfg.d_model)
-        elif cfg.positions == "learned":
-            x = x + self.position_embed(positions)
+        if cfg.positions in ("sinusoidal", "learned"):
+            if cfg.positions == "sinusoidal":
+                enc = sinusoidal_at(positions, cfg.d_model)
+            else:
+                enc = self.position_embed(positions)
+            x = x + (enc[None] if enc.ndim == 2 else enc)  # [T, D] is every row's
         return dropout(x, cfg.dropout, key)
 
     def _logits(self, x):

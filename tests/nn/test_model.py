@@ -1,4 +1,4 @@
-"""TinyDecoder and generate."""
+"""TinyDecoder (its generation: test_decoding.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 from jaxattn.nn.config import ModelConfig
-from jaxattn.nn.decoding import generate
 from jaxattn.nn.model import TinyDecoder, count_params
 
 CFG = ModelConfig(d_model=16, num_layers=2, num_heads=4, d_ff=32, max_len=16)
@@ -73,31 +72,3 @@ def test_dropout_needs_a_key():
 def test_too_long_input_is_refused():
     with pytest.raises(ValueError, match=r"tokens have length 17 but model\.max_len is 16"):
         model()(jnp.zeros((1, 17), jnp.int32))
-
-
-def test_generate_equals_a_plain_argmax_loop():
-    m = model()
-    prompts = TOKENS[:, :4]
-    out = generate(m, prompts, 5)
-    assert out.shape == (3, 9) and out.dtype == jnp.int32
-    np.testing.assert_array_equal(out[:, :4], prompts)
-    seq = np.asarray(prompts)
-    for _ in range(5):  # the obvious loop: run the model on what we have, append the argmax
-        next_token = np.asarray(jnp.argmax(m(jnp.asarray(seq))[:, -1], axis=-1))
-        seq = np.concatenate([seq, next_token[:, None]], axis=1)
-    np.testing.assert_array_equal(out, seq)
-
-
-@pytest.mark.parametrize(
-    ("prompts", "n", "message"),
-    [
-        (jnp.zeros((3,), jnp.int32), 2, "prompts must be an int array [B, P] with P >= 1"),
-        (jnp.zeros((2, 3), jnp.float32), 2, "prompts must hold int token ids"),
-        (jnp.zeros((2, 3), jnp.int32), -1, "max_new_tokens must be an int >= 0"),
-        (jnp.zeros((2, 10), jnp.int32), 7, "prompt length 10 + max_new_tokens 7 exceeds"),
-    ],
-)
-def test_generate_errors(prompts, n, message):
-    with pytest.raises(ValueError) as info:
-        generate(model(), prompts, n)
-    assert message in str(info.value)
