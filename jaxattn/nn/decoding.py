@@ -79,7 +79,7 @@ def decode(
     """:func:`generate` on a split model (``nnx.split``), without the checks: jit-able.
 
     ``prompts`` int32 ``[B, P]`` right-padded, ``lengths`` int32 ``[B]`` (1 <= len <= P),
-    ``key`` a PRNG key. Returns int32 ``[B, P + max_new_tokens]``: row b is its prompt,
+    ``key`` a PRNG key (None when greedy). Returns int32 ``[B, P + max_new_tokens]``: row b is its prompt,
     its new tokens, then PAD.
     """
     model = nnx.merge(graphdef, state)
@@ -96,7 +96,8 @@ def decode(
 
     def emit(i, tokens, logits, done):
         """Choose token i of every row, write it after the row's prompt; PAD once done."""
-        new = sample_next(logits, jax.random.fold_in(key, i), sampling)
+        step_key = None if sampling.temperature == 0.0 else jax.random.fold_in(key, i)
+        new = sample_next(logits, step_key, sampling)
         new = jnp.where(done, PAD, new)
         tokens = tokens.at[rows, lengths + i].set(new)
         if stop_token is not None:
