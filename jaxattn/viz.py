@@ -28,10 +28,9 @@ def _pyplot():
 
 
 def token_labels(tokens) -> list[str]:
-    from jaxattn.train.tasks import BOS, PAD, SEP
+    from jaxattn.train.tasks import token_label
 
-    special = {PAD: "PAD", BOS: "BOS", SEP: "SEP"}
-    return [special.get(int(t), str(int(t))) for t in np.asarray(tokens)]
+    return [token_label(t) for t in np.asarray(tokens)]
 
 
 def plot_attention(weights, tokens, path, *, title: str | None = None) -> Path:

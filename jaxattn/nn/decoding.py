@@ -79,8 +79,8 @@ def decode(
     """:func:`generate` on a split model (``nnx.split``), without the checks: jit-able.
 
     ``prompts`` int32 ``[B, P]`` right-padded, ``lengths`` int32 ``[B]`` (1 <= len <= P),
-    ``key`` a PRNG key (None when greedy). Returns int32 ``[B, P + max_new_tokens]``: row b is its prompt,
-    its new tokens, then PAD.
+    ``key`` a PRNG key (None when greedy). Returns int32 ``[B, P + max_new_tokens]``: row b
+    is its prompt, its new tokens, then PAD.
     """
     model = nnx.merge(graphdef, state)
     b, p = prompts.shape

@@ -49,6 +49,7 @@ __all__ = [
     "make_sequences",
     "prompt_length",
     "sequence_length",
+    "token_label",
 ]
 
 PAD, BOS, SEP, FIRST_SYMBOL = 0, 1, 2, 3
@@ -61,6 +62,12 @@ _ANSWERS = {
     "next_token": lambda x: x,  # copy's sequences, every token scored (see _loss_mask_row)
 }
 TASKS = tuple(_ANSWERS)
+_SPECIAL = {PAD: "PAD", BOS: "BOS", SEP: "SEP"}
+
+
+def token_label(token: int) -> str:
+    """How a token is shown to people: its id, or PAD, BOS, SEP."""
+    return _SPECIAL.get(int(token), str(int(token)))
 
 
 class Batch(NamedTuple):
