@@ -88,16 +88,16 @@ def _answer(args) -> list[str]:
             f"a prompt of {len(p)} symbols needs {len(p)} + 2 (BOS, SEP) + {n} new tokens "
             f"= {need} positions, but the model's max_len is {config.model.max_len}"
         )
+    stop = args.stop_token
+    if stop is not None and not 0 <= stop < vocab:
+        raise PromptError(f"--stop-token {stop} is outside the vocabulary [0, {vocab})")
+    framed = [[tasks.BOS, *p, tasks.SEP] for p in prompts]
     trained = config.task.length
     if any(len(p) != trained for p in prompts):
         print(
             f"jaxattn.generate: note: the model was trained on prompts of {trained} symbols",
             file=sys.stderr,
         )
-    stop = args.stop_token
-    if stop is not None and not 0 <= stop < vocab:
-        raise PromptError(f"--stop-token {stop} is outside the vocabulary [0, {vocab})")
-    framed = [[tasks.BOS, *p, tasks.SEP] for p in prompts]
     out = generate(
         model,
         framed,

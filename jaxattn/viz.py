@@ -49,21 +49,30 @@ def plot_attention(weights, tokens, path, *, title: str | None = None) -> Path:
     labels = token_labels(tokens)
     if len(labels) != t:
         raise ValueError(f"tokens has length {len(labels)} but the weights cover {t} positions")
+    # Shared axes: the tokens label the left column (queries) and the bottom row (keys).
+    side = max(1.6, 0.11 * t)  # inches per panel: about 8 pt per token
     fig, axes = plt.subplots(
-        layers, heads, figsize=(2.6 * heads + 1, 2.6 * layers + 0.6), squeeze=False
+        layers,
+        heads,
+        figsize=(side * heads + 1.0, side * layers + 0.5),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        layout="constrained",
     )
     for layer in range(layers):
         for head in range(heads):
             ax = axes[layer][head]
             image = ax.imshow(weights[layer, head], vmin=0.0, vmax=1.0, cmap="viridis")
-            ax.set_title(f"layer {layer} head {head}", fontsize=8)
+            ax.set_title(f"layer {layer} head {head}", fontsize=8, pad=2)
             ax.set_xticks(range(t), labels, fontsize=5, rotation=90)
             ax.set_yticks(range(t), labels, fontsize=5)
+            ax.tick_params(length=1.5, pad=1)
             if head == 0:
                 ax.set_ylabel("query", fontsize=7)
             if layer == layers - 1:
                 ax.set_xlabel("key", fontsize=7)
-    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    fig.colorbar(image, ax=axes, shrink=0.8, aspect=30, pad=0.01, label="attention weight")
     fig.suptitle(title or "attention weights (rows: queries, columns: keys)", fontsize=10)
     return _save(fig, path)
 
@@ -108,29 +117,54 @@ def read_metrics(metrics_jsonl) -> list[dict]:
     return records
 
 
+def _per_step(records, key: str, fallback: str):
+    """(steps, values) of every training step from the records' ``key`` lists (written
+    since per-step curves exist), or one point per record from ``fallback``."""
+    steps, values, previous = [], [], 0
+    for r in records:
+        listed = r.get(key)
+        if not isinstance(listed, list) or not listed:
+            steps.append(r["step"])
+            values.append(np.nan if r.get(fallback) is None else r[fallback])
+        else:
+            first = r["step"] - len(listed) + 1
+            steps.extend(range(max(first, previous + 1), r["step"] + 1)[-len(listed) :])
+            values.extend(np.nan if v is None else v for v in listed)
+        previous = r["step"]
+    return np.asarray(steps[: len(values)]), np.asarray(values, np.float64)
+
+
 def plot_training_curves(records, path) -> Path:
-    """Loss and held-out exact-match against step, from :func:`read_metrics` records (or
-    the path of a run's ``metrics.jsonl``)."""
+    """Three panels against step, from :func:`read_metrics` records (or the path of a run's
+    ``metrics.jsonl``): the training loss of every step and the held-out loss; held-out
+    token accuracy and exact-match; the learning rate."""
     if not isinstance(records, list):
         records = read_metrics(records)
     plt = _pyplot()
 
     def series(key):  # null (no finite value) is drawn as a gap
-        return [np.nan if r[key] is None else r[key] for r in records]
+        return [np.nan if r.get(key) is None else r[key] for r in records]
 
     steps = series("step")
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax_loss.plot(steps, series("train_loss"), label="train")
-    ax_loss.plot(steps, series("eval_loss"), label="held-out")
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(12, 3.4))
+    loss_steps, losses = _per_step(records, "step_losses", "train_loss")
+    ax_loss.plot(loss_steps, losses, lw=0.8, alpha=0.8, label="train (every step)")
+    ax_loss.plot(steps, series("eval_loss"), marker="o", ms=3, label="held-out")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()
-    ax_acc.plot(steps, series("eval_token_accuracy"), label="token accuracy")
-    ax_acc.plot(steps, series("exact_match"), label="exact match")
+    ax_acc.plot(steps, series("eval_token_accuracy"), marker="o", ms=3, label="token accuracy")
+    ax_acc.plot(steps, series("exact_match"), marker="o", ms=3, label="exact match")
     ax_acc.set_ylim(0, 1.02)
     ax_acc.set_xlabel("step")
+    ax_acc.set_title("held-out", fontsize=10)
     ax_acc.legend(loc="lower right")
+    lr_steps, lrs = _per_step(records, "step_lrs", "lr")
+    ax_lr.plot(lr_steps, lrs)
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     fig.tight_layout()
     return _save(fig, path)
 

@@ -66,3 +66,19 @@ def qkv(rng, batch, t, s, n, k, h, hv=None, dtype=np.float32):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """The README's default run (configs/tiny.yaml, pictures on), trained once per worker
+    until it copies every held-out sequence (about 10 s). Tests that use it are marked
+    ``xdist_group("tiny_run")`` so one worker trains it. Read it; never write into it."""
+    from jaxattn.train.config import load_config
+    from jaxattn.train.loop import train
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "tiny"
+    config = load_config("configs/tiny.yaml", [f"train.run_dir={run_dir}", "train.progress=false"])
+    logs = []
+    result = train(config, log=logs.append)
+    assert result.reached_target, logs
+    return result.run_dir, logs

@@ -24,6 +24,7 @@ def test_draw_run_writes_pngs(tmp_path):
         [
             f"train.run_dir={tmp_path / 'run'}",
             "train.progress=false",
+            "train.pictures=false",
             "train.steps=10",
             "train.eval_every=10",
             "task.eval_size=16",
@@ -63,6 +64,7 @@ def viz_run(tmp_path_factory):
         [
             f"train.run_dir={run_dir}",
             "train.progress=false",
+            "train.pictures=false",
             "train.steps=20",
             "train.eval_every=10",
             "train.steps_per_call=10",

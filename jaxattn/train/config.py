@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0  # parameters, dropout and training batches
     steps_per_call: int = 50  # steps fused in one jitted lax.scan
     progress: bool = True  # show a progress bar
+    pictures: bool = True  # attention.png and curves.png in the run directory at the end
     checkpoint_every: int | None = None  # steps between checkpoints (None = each eval; 0 = end);
     # a multiple of gcd(steps_per_call, eval_every), so checkpoints fall between fused calls
     keep_checkpoints: int = 3  # latest checkpoints kept (the best by exact-match is kept too)

@@ -57,8 +57,9 @@ _RESUMABLE_DIFFERENCES = (
     "train.progress",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.pictures",
 )
-_PER_STEP = ("loss", "accuracy", "nonfinite")  # per-step values kept until an evaluation
+_PER_STEP = ("loss", "accuracy", "lr", "nonfinite")  # per-step values kept until an evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,11 +225,32 @@ def train(
                 params, opt_state = session.restore(params, opt_state)
             if session.done:  # a resumed run that had finished: only what is missing
                 log(f"{run.path} finished at step {session.progress.step} already")
-                return session.repair(log)
-            _write(run.path / "config.yaml", dump_config(config))
-            _write(run.path / "metrics.jsonl", session.metrics_text())
-            session.train(params, opt_state, graphdef, optimizer)
-            return session.finish(log)
+                result = session.repair(log)
+                missing = not all((run.path / name).is_file() for name in PICTURES)
+            else:
+                _write(run.path / "config.yaml", dump_config(config))
+                _write(run.path / "metrics.jsonl", session.metrics_text())
+                session.train(params, opt_state, graphdef, optimizer)
+                result, missing = session.finish(log), True
+    if config.train.pictures and missing:  # after the timed run, matplotlib imported only here
+        _draw_pictures(result.run_dir, log)
+    return result
+
+
+PICTURES = ("attention.png", "curves.png")
+
+
+def _draw_pictures(run_dir: Path, log) -> None:
+    """The run's pictures (:func:`jaxattn.viz.draw_run`); a failure costs the pictures only,
+    said in one line: the run itself is complete."""
+    try:
+        from jaxattn.viz import draw_run
+
+        paths = draw_run(run_dir)
+    except (RunError, ImportError, ValueError) as err:
+        log(f"pictures not drawn: {err}")
+        return
+    log(f"pictures: {', '.join(str(p) for p in paths)}")
 
 
 def _check_resumable(run: RunDir, config: Config) -> None:
@@ -288,6 +310,8 @@ class _Session:
             raise RunError(f"{config_path} differs from checkpoint {latest}: {difference}")
         try:
             self.progress = _Progress(**meta["progress"])
+            for key in _PER_STEP:  # a checkpoint of a jaxattn that kept fewer
+                self.progress.pending.setdefault(key, [])
         except TypeError:
             raise RunError(
                 f"{self.ckpts.step_dir(latest) / 'meta'}: its 'progress' is not this "
@@ -392,6 +416,12 @@ class _Session:
             "train_accuracy": mean("accuracy"),
             "lr": float(m["lr"][-1]),
             **{k: _finite_or_none(v) for k, v in progress.last_eval.items()},
+            # Every step since the previous record, for the curves (6 digits; null: skipped).
+            "step_losses": [
+                None if bad else _finite_or_none(float(f"{x:.6g}"))
+                for x, bad in zip(progress.pending["loss"], skipped, strict=True)
+            ],
+            "step_lrs": [float(f"{x:.6g}") for x in progress.pending["lr"]],
         }
         if self.config.train.on_nonfinite == "skip":
             record["skipped_steps"] = int(skipped.sum())

@@ -37,6 +37,7 @@ TMP = ".orbax-checkpoint-tmp"  # Orbax's name for a step that is still being wri
 # 30 steps: every step runs).
 SHORT = (
     "train.progress=false",
+    "train.pictures=false",
     "task.eval_size=64",
     "train.steps=30",
     "train.eval_every=10",

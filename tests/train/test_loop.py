@@ -54,6 +54,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 BASE = (
     "model.num_layers=1",  # compiles faster than 2; resuming does not depend on depth
     "train.progress=false",
+    "train.pictures=false",
     "task.eval_size=64",
     "optim.schedule=warmup_constant",
     "train.eval_every=20",

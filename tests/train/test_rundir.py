@@ -30,6 +30,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 # A small model and a short run: 4 steps, evaluated and checkpointed at steps 2 and 4.
 SMALL = [
     "train.progress=false",
+    "train.pictures=false",
     "model.num_layers=1",
     "model.d_model=16",
     "model.num_heads=2",

@@ -33,6 +33,7 @@ def small_config(tmp_path, *overrides):
         [
             f"train.run_dir={tmp_path / 'run'}",
             "train.progress=false",
+            "train.pictures=false",
             "task.eval_size=64",
             *overrides,
         ],
