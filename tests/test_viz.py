@@ -201,3 +201,76 @@ def test_viz_step_picks_latest_best_or_a_number(run_copy, tmp_path, capsys):
     assert main([str(run_copy), "--step", "newest"]) == 2
     assert "'newest'" in one_stderr_line(capsys)
     assert not any((run_copy / name).exists() for name in PICTURES)
+
+
+# ------------------------------------------------- pictures of every run (issue 12, point 5)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels from a PNG's IHDR chunk."""
+    data = path.read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.mark.xdist_group("tiny_run")
+def test_training_draws_both_pictures_at_its_expected_size(trained_tiny):
+    run_dir, logs = trained_tiny
+    assert f"pictures: {run_dir / 'attention.png'}, {run_dir / 'curves.png'}" in logs
+    # 2 layers x 4 heads of a 21-token sequence: panels of 0.11 in per token, 110 dpi.
+    side = 0.11 * 21
+    width, height = png_size(run_dir / "attention.png")
+    assert abs(width - (side * 4 + 1.0) * 110) <= 1 and abs(height - (side * 2 + 0.5) * 110) <= 1
+    assert png_size(run_dir / "curves.png") == (1320, 374)
+    # The curves are drawn from every step's loss: all of them are in metrics.jsonl.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [x for r in records for x in r["step_losses"]]
+    assert len(losses) == records[-1]["step"] == len([x for r in records for x in r["step_lrs"]])
+    assert all(isinstance(x, float) and x > 0 for x in losses)
+
+
+@pytest.mark.xdist_group("tiny_run")
+def test_the_trained_copier_attends_to_the_source_of_each_copied_token(trained_tiny):
+    """Numbers behind the picture: predicting answer token j, some head of the trained
+    model looks at x_j in the prompt, for every j and almost every sequence."""
+    from jaxattn.train import load_run, tasks
+
+    model, config = load_run(trained_tiny[0])
+    length = config.task.length
+    inputs = tasks.eval_batch(config.task).inputs[:200]
+    _, weights = model(inputs, return_attention=True)  # [layers, B, N, T, T]
+    weights = np.asarray(weights)
+    queries = np.arange(length + 1, 2 * length + 1)  # SEP, y_1 .. y_{L-1}: predict y_1 .. y_L
+    sources = np.arange(1, length + 1)  # x_1 .. x_L
+    on_source = weights[:, :, :, queries, sources]  # [layers, B, N, L]
+    argmax_is_source = weights[:, :, :, queries, :].argmax(-1) == sources
+    # The head that copies: the source is its row's largest weight for >= 95% of the copied
+    # tokens, and on average it gets most of the weight (> 0.5) at every answer position.
+    share = argmax_is_source.mean(axis=(1, 3))  # [layers, N]
+    layer, head = np.unravel_index(share.argmax(), share.shape)
+    assert share[layer, head] >= 0.95, share
+    assert on_source[layer, :, head].mean(axis=0).min() > 0.5, on_source[layer, :, head].mean(0)
+
+
+def test_a_picture_that_cannot_be_drawn_costs_one_line_not_the_run(tmp_path, monkeypatch):
+    import jaxattn.viz
+
+    def no_matplotlib(run_dir):
+        raise ImportError("pictures need matplotlib: pip install 'jaxattn[viz]'")
+
+    monkeypatch.setattr(jaxattn.viz, "draw_run", no_matplotlib)
+    config = load_config(
+        "configs/tiny.yaml",
+        [
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.progress=false",
+            "train.steps=5",
+            "train.eval_every=5",
+            "task.eval_size=8",
+        ],
+    )
+    logs = []
+    result = train(config, log=logs.append)
+    assert logs[-1] == "pictures not drawn: pictures need matplotlib: pip install 'jaxattn[viz]'"
+    assert (result.run_dir / "summary.json").is_file()
+    assert not (result.run_dir / "attention.png").exists()
