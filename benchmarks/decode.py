@@ -157,8 +157,8 @@ class FlaxDecoder(nnx.Module):
         return self.embed.attend(self.final_norm(x))[:, 0].astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "total", "steps"))
-def flax_run(graphdef, params, prompts, *, total: int, steps: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "total"))
+def flax_run(graphdef, params, prompts, steps, *, total: int):
     """Feed tokens 0 .. steps-1 one per call (prompt tokens, then each argmax) into fresh
     Flax caches of ``total`` slots. Returns (tokens ``[B, total]``, the caches, the last
     logits). ``steps = P`` is the first token; ``steps = total - 1`` the whole generation."""
@@ -196,10 +196,10 @@ def bench_length(model, flax_split, total: int, rounds: int, uncached_cap: int):
         "jaxattn cached": lambda: decode(
             graphdef, state, prompts, lengths, jax.random.key(0), max_new_tokens=m
         ),
-        "flax nnx cache": lambda: flax_run(fg, fp, prompts, total=total, steps=total - 1),
+        "flax nnx cache": lambda: flax_run(fg, fp, prompts, total - 1, total=total),
         "uncached": lambda: uncached(graphdef, state, prompts, total=total, steps=steps),
         "jaxattn first": lambda: cached_first_token(graphdef, state, prompts, total=total),
-        "flax first": lambda: flax_run(fg, fp, prompts, total=total, steps=p),
+        "flax first": lambda: flax_run(fg, fp, prompts, p, total=total),
     }
     ours = np.asarray(calls["jaxattn cached"]())
     theirs = np.asarray(calls["flax nnx cache"]()[0])
@@ -213,9 +213,12 @@ def bench_length(model, flax_split, total: int, rounds: int, uncached_cap: int):
                 f"{t}: token {got[b, t]} against {ours[b, t]}"
             )
     first_ours, step_ours = cached_logits(graphdef, state, prompts, total=total)
-    first_flax = flax_run(fg, fp, prompts, total=total, steps=p)[2]
-    step_flax = flax_run(fg, fp, prompts, total=total, steps=p + 1)[2]
-    diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in ((first_ours, first_flax), (step_ours, step_flax))]
+    first_flax = flax_run(fg, fp, prompts, p, total=total)[2]
+    step_flax = flax_run(fg, fp, prompts, p + 1, total=total)[2]
+    diffs = [
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in ((first_ours, first_flax), (step_ours, step_flax))
+    ]
     times = time_interleaved(calls, rounds=rounds)
     times["uncached"] *= m / steps
     return times, diffs, (p, m, steps)

@@ -1,10 +1,13 @@
 """Flax NNX layers built on the kernels: attention, feed-forward, decoder block, TinyDecoder,
-generation, and :func:`attention_fn` (our kernel as ``nnx.MultiHeadAttention``'s
-``attention_fn``). Imports flax; knows nothing of training or config files.
+generation with a key/value cache, and :func:`attention_fn` (our kernel as
+``nnx.MultiHeadAttention``'s ``attention_fn``). Imports flax; knows nothing of training or
+config files.
 
-    from jaxattn.nn import ModelConfig, TinyDecoder, attention_fn, generate
+    from jaxattn.nn import ModelConfig, TinyDecoder, KVCache, attention_fn, generate
 """
 
+from jaxattn.nn.cache import KVCache as KVCache
+from jaxattn.nn.cache import LayerCache as LayerCache
 from jaxattn.nn.config import ModelConfig as ModelConfig
 from jaxattn.nn.decoding import generate as generate
 from jaxattn.nn.flax_attention import attention_fn as attention_fn
@@ -17,6 +20,8 @@ from jaxattn.nn.model import count_params as count_params
 __all__ = [
     "DecoderBlock",
     "FeedForward",
+    "KVCache",
+    "LayerCache",
     "ModelConfig",
     "MultiHeadAttention",
     "TinyDecoder",
