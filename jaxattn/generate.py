@@ -12,6 +12,7 @@ lengths are decoded in one batch. Every failure is one line on stderr and exit s
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -196,7 +197,10 @@ def main(argv=None) -> int:
         print("jaxattn.generate: interrupted", file=sys.stderr)
         silence_for_exit()
         return 130
-    print("\n".join(lines))
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
     return 0
 
 
