@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,10 +30,9 @@ def parse_prompt(text: str, vocab_size: int, where: str = "prompt") -> list[int]
 
     symbols = []
     for word in text.split():
-        try:
-            token = int(word)
-        except ValueError:
-            raise PromptError(f"{where}: {word!r} is not a token id (an integer)") from None
+        if not re.fullmatch(r"-?[0-9]+", word):  # int() would take "٣" and "3_0" too
+            raise PromptError(f"{where}: {word!r} is not a token id (an integer)")
+        token = int(word)
         if not FIRST_SYMBOL <= token < vocab_size:
             what = (
                 f"is {token_label(token)}, which the command adds itself"
@@ -54,7 +54,7 @@ def read_prompts(path, vocab_size: int) -> list[list[int]]:
 
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not a token
     except OSError as err:
         raise PromptError(f"cannot read {path}: {describe_os_error(err)}") from None
     except UnicodeDecodeError:
@@ -69,7 +69,12 @@ def read_prompts(path, vocab_size: int) -> list[list[int]]:
     return prompts
 
 
+BATCH = 1024  # prompts generated together
+
+
 def _answer(args) -> list[str]:
+    import jax
+
     from jaxattn.nn.decoding import generate
     from jaxattn.train import tasks
     from jaxattn.train.checkpoints import load_run
@@ -99,18 +104,21 @@ def _answer(args) -> list[str]:
             f"jaxattn.generate: note: the model was trained on prompts of {trained} symbols",
             file=sys.stderr,
         )
-    out = generate(
-        model,
-        framed,
-        max(wanted),
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop_token=stop,
-        key=args.seed,
-    )
+    rows = []
+    for start in range(0, len(framed), BATCH):  # memory bounded by BATCH, not the file
+        out = generate(
+            model,
+            framed[start : start + BATCH],
+            max(wanted),
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop_token=stop,
+            key=jax.random.fold_in(jax.random.key(args.seed), start),
+        )
+        rows.extend(out.tolist())
     lines = []
-    for row, prompt, n in zip(out.tolist(), framed, wanted, strict=True):
+    for row, prompt, n in zip(rows, framed, wanted, strict=True):
         answer = row[len(prompt) : len(prompt) + n]
         if stop is not None and stop in answer:
             answer = answer[: answer.index(stop) + 1]
@@ -118,20 +126,24 @@ def _answer(args) -> list[str]:
     return lines
 
 
-def _nonnegative_int(text: str) -> int:
+def _int_in(low: int, high: int):
     import argparse
 
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
-    return int(text)
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text) or not low <= int(text) < high:
+            raise argparse.ArgumentTypeError(f"must be an int in [{low}, {high}), got {text!r}")
+        return int(text)
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    import argparse
+_nonnegative_int = _int_in(0, 2**31)
+_positive_int = _int_in(1, 2**31)
 
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
-    return int(text)
+
+def step_argument(text: str):
+    """``--step``: best, latest or a step number (ASCII digits)."""
+    return int(text) if re.fullmatch(r"[0-9]+", text) else text
 
 
 def _float_in(low: float, high: float, *, low_open: bool = False):
@@ -175,7 +187,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--top-p", type=_float_in(0.0, 1.0, low_open=True), default=None, help="nucleus mass"
     )
-    parser.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of sampling")
+    parser.add_argument("--seed", type=_int_in(0, 2**63), default=0, help="seed of sampling")
     parser.add_argument(
         "--stop-token", type=_nonnegative_int, default=None, help="token id that ends an answer"
     )
@@ -183,20 +195,25 @@ def main(argv=None) -> int:
         "--step", default="best", help="checkpoint: best (default), latest or a step number"
     )
     args = parser.parse_args(argv)
-    args.step = int(args.step) if args.step.isdigit() else args.step
-    from jaxattn.train._orbax_errors import silence_for_exit
-    from jaxattn.train.rundir import RunError
-
+    args.step = step_argument(args.step)
+    silence_for_exit = None
     try:
+        from jaxattn.train._orbax_errors import silence_for_exit
+
         lines = _answer(args)
-    except (RunError, ValueError) as err:
+    except KeyboardInterrupt:  # first: it may come before RunError is even imported
+        print("jaxattn.generate: interrupted", file=sys.stderr)
+        if silence_for_exit is not None:
+            silence_for_exit()
+        return 130
+    except Exception as err:
+        from jaxattn.train.rundir import RunError
+
+        if not isinstance(err, (RunError, ValueError)):
+            raise
         print(f"jaxattn.generate: {err}", file=sys.stderr)
         silence_for_exit()
         return 2
-    except KeyboardInterrupt:
-        print("jaxattn.generate: interrupted", file=sys.stderr)
-        silence_for_exit()
-        return 130
     try:
         print("\n".join(lines), flush=True)
     except BrokenPipeError:  # `| head`: the reader has what it wanted

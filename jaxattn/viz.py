@@ -148,8 +148,9 @@ def plot_training_curves(records, path) -> Path:
     steps = series("step")
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(12, 3.4))
     loss_steps, losses = _per_step(records, "step_losses", "train_loss")
-    ax_loss.plot(loss_steps, losses, lw=0.8, alpha=0.8, label="train (every step)")
-    ax_loss.plot(steps, series("eval_loss"), marker="o", ms=3, label="held-out")
+    # The training loss is label-smoothed (its floor is above 0), the held-out one is not.
+    ax_loss.plot(loss_steps, losses, lw=0.8, alpha=0.8, label="train, label-smoothed (every step)")
+    ax_loss.plot(steps, series("eval_loss"), marker="o", ms=3, label="held-out, not smoothed")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy")
@@ -213,6 +214,9 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunError.writing(out_dir, err) from None
+    for name in ("attention.png", "curves.png"):  # both writable before either is drawn
+        if (out_dir / name).is_dir():
+            raise RunError(f"cannot write {out_dir / name}: it is a directory")
     tokens = batch.inputs[example : example + 1]
     _, weights = model(tokens, return_attention=True)  # [L, 1, N, T, T]
     title = f"{config.name}: {config.task.name}, held-out sequence {example}"
@@ -235,18 +239,22 @@ def main(argv=None) -> int:
         "--step", default="best", help="checkpoint to draw: best (default), latest or a step"
     )
     args = parser.parse_args(argv)
-    step = int(args.step) if args.step.isdigit() else args.step
-    from jaxattn.train._orbax_errors import silence_for_exit
-
+    silence_for_exit = None
     try:
+        from jaxattn.generate import step_argument
+        from jaxattn.train._orbax_errors import silence_for_exit
+
+        step = step_argument(args.step)
         paths = draw_run(args.run_dir, example=args.example, out_dir=args.out, step=step)
     except (RunError, ValueError, ImportError) as err:
         print(f"jaxattn.viz: {err}", file=sys.stderr)
-        silence_for_exit()
+        if silence_for_exit is not None:
+            silence_for_exit()
         return 2
     except KeyboardInterrupt:  # pictures are written whole or not at all
         print("jaxattn.viz: interrupted", file=sys.stderr)
-        silence_for_exit()
+        if silence_for_exit is not None:
+            silence_for_exit()
         return 130
     for path in paths:
         print(path)

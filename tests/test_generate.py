@@ -106,10 +106,17 @@ def test_cached_equals_uncached_on_the_trained_model(tiny):
         (["--prompt", "3", "--max-new-tokens", "40"], "= 43 positions, but the model's max_len"),
         (["--prompt", "3", "--stop-token", "99"], "--stop-token 99 is outside the vocabulary"),
         (["--prompt", "3", "--temperature", "nan"], "--temperature: must be in [0.0, inf]"),
-        (["--prompt", "3", "--top-k", "0"], "--top-k: must be an int >= 1"),
+        (["--prompt", "3", "--top-k", "0"], "--top-k: must be an int in [1, 2147483648)"),
         (["--prompt", "3", "--top-p", "0"], "--top-p: must be in (0.0, 1.0]"),
         (["--prompt", "3", "--step", "7"], "step must be 'best', 'latest' or one of"),
         ([], "one of the arguments --prompt --prompts-file is required"),
+        (["--prompt", "٣ ٤"], "prompt: '٣' is not a token id"),
+        (["--prompt", "3_0"], "prompt: '3_0' is not a token id"),
+        (["--prompt", "3", "--step", "²"], "step must be 'best', 'latest' or one of"),
+        (
+            ["--prompt", "3", "--seed", str(2**70)],
+            "--seed: must be an int in [0, 9223372036854775808)",
+        ),
     ],
 )
 def test_errors_are_one_line_and_exit_2(tiny, capsys, argv, says):
@@ -125,6 +132,7 @@ def test_errors_are_one_line_and_exit_2(tiny, capsys, argv, says):
         (b"# nothing\n\n", "prompts.txt holds no prompt"),
         (b"3 4 \xff\n", "prompts.txt is not UTF-8 text"),
         (b"3 4\n2 5\n", "prompts.txt, line 2: token 2 is SEP"),
+        (b"\xef\xbb\xbf3 4\n7 x\n", "prompts.txt, line 2: 'x' is not a token id"),  # BOM ok
     ],
 )
 def test_a_bad_prompts_file_is_named(tiny, tmp_path, capsys, content, says):

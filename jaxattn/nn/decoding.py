@@ -13,6 +13,8 @@ exactly as it would be alone.
 from __future__ import annotations
 
 import functools
+import math
+import operator
 from typing import NamedTuple
 
 import jax
@@ -53,7 +55,11 @@ def sample_next(logits, key, sampling: Sampling):
     v = logits.shape[-1]
     k = v if sampling.top_k is None else min(sampling.top_k, v)
     # The k largest logits, sorted descending (k = V sorts them all), and their ids.
-    top, ids = jax.lax.top_k(logits.astype(jnp.float32) / sampling.temperature, k)
+    logits = logits.astype(jnp.float32)
+    top, ids = jax.lax.top_k(logits, k)
+    # Shifted by the row max before dividing, so a small temperature cannot overflow: the
+    # best token scores 0, the others -inf at worst (probability 0), never NaN.
+    top = (top - top[:, :1]) / sampling.temperature
     if sampling.top_p is not None and sampling.top_p < 1.0:
         probs = jax.nn.softmax(top, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
@@ -91,7 +97,7 @@ def decode(
     if max_new_tokens == 0:
         return tokens
     cache = model.init_cache(b, p + max_new_tokens)
-    logits, cache = model.prefill(prompts, cache, lengths)
+    logits, cache = model.prefill(tokens[:, :p], cache, lengths)  # PAD past each prompt
     logits = logits[rows, lengths - 1]  # [B, V]: what follows each prompt
 
     def emit(i, tokens, logits, done):
@@ -140,7 +146,10 @@ def _as_prompts(prompts, prompt_lengths):
         prompts = np.full((len(rows), width), PAD, np.int64)
         for i, row in enumerate(rows):
             prompts[i, : row.size] = row
-    prompts = np.asarray(prompts)
+    try:
+        prompts = np.asarray(prompts)
+    except (ValueError, TypeError):  # rows of lists and numbers mixed
+        raise ValueError("prompts must be an int array [B, P] or a list of token lists") from None
     if prompts.ndim != 2 or prompts.shape[1] < 1 or prompts.shape[0] < 1:
         raise ValueError(
             f"prompts must be an int array [B, P] with B, P >= 1 (or a list of token lists), "
@@ -177,9 +186,52 @@ def _check_vocabulary(prompts, lengths, vocab_size: int) -> None:
         )
 
 
-def _check_number(name, value, ok, want):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not ok(value):
+def _int(name: str, value, low: int, high: int | None = None, *, none_ok: bool = False):
+    """``value`` as a Python int in ``[low, high)``, or a one-line ValueError: ints and
+    integer scalars only (not bools, not floats such as 5.0)."""
+    if value is None and none_ok:
+        return None
+    want = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        x = operator.index(value)
+    except TypeError:
+        raise ValueError(
+            f"{name} must be {want}{' or None' if none_ok else ''}, got {value!r}"
+        ) from None
+    if x < low or (high is not None and x >= high):
+        raise ValueError(f"{name} must be {want}{' or None' if none_ok else ''}, got {x}")
+    return x
+
+
+def _float(name: str, value, ok, want: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be {want}, got {value!r}")
+    try:
+        x = float(value)
+    except OverflowError:
+        x = math.inf
+    if not ok(x):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return x
+
+
+_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
+def _prng_key(key, sampling: bool):
+    """A PRNG key from an int seed or a key (typed, or raw uint32 ``[2]``); None when greedy."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if not -(2**63) <= int(key) < 2**63:
+            raise ValueError(f"key must be a PRNG key or an int seed in [-2**63, 2**63), got {key}")
+        return jax.random.key(int(key)) if sampling else None
+    typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32
+    if (typed and key.shape == ()) or (raw and key.shape == (2,)):
+        return key if sampling else None
+    what = f"{type(key).__name__} {getattr(key, 'dtype', '')}{list(np.shape(key))}"
+    raise ValueError(f"key must be a PRNG key (jax.random.key(seed)) or an int seed, got {what}")
 
 
 def generate(
@@ -218,33 +270,32 @@ def generate(
     Raises ValueError (one line) for malformed prompts, a token outside ``[0,
     vocab_size)``, a too long generation or a bad sampling setting.
     """
+    from jaxattn.nn.model import TinyDecoder
+
+    if not isinstance(model, TinyDecoder):
+        raise ValueError(f"model must be a jaxattn.nn.TinyDecoder, got {type(model).__name__}")
     prompts, lengths = _as_prompts(prompts, prompt_lengths)
-    _check_number("max_new_tokens", max_new_tokens, lambda x: x >= 0 and int(x) == x, "an int >= 0")
-    max_new_tokens = int(max_new_tokens)
-    _check_number("temperature", temperature, lambda x: 0 <= x < np.inf, "a finite float >= 0")
-    if top_k is not None:
-        _check_number("top_k", top_k, lambda x: x >= 1 and int(x) == x, "an int >= 1 or None")
+    max_new_tokens = _int("max_new_tokens", max_new_tokens, 0)
+    temperature = _float(
+        "temperature",
+        temperature,
+        lambda x: x == 0 or _F32_TINY <= x <= _F32_MAX,
+        f"0 (greedy) or a float32 in [{_F32_TINY:.3g}, {_F32_MAX:.3g}]",
+    )
+    top_k = _int("top_k", top_k, 1, none_ok=True)
     if top_p is not None:
-        _check_number("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1] or None")
-    vocab_size = getattr(model, "vocab_size", None)
-    if vocab_size is not None:
-        _check_vocabulary(prompts, lengths, vocab_size)
-        if stop_token is not None:
-            _check_number(
-                "stop_token",
-                stop_token,
-                lambda x: 0 <= x < vocab_size and int(x) == x,
-                f"a token id in [0, {vocab_size}) or None",
-            )
+        top_p = _float("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1] or None")
+    vocab_size = model.vocab_size
+    _check_vocabulary(prompts, lengths, vocab_size)
+    stop_token = _int("stop_token", stop_token, 0, vocab_size, none_ok=True)
     max_len = model.config.max_len
     if prompts.shape[1] + max_new_tokens > max_len:
         raise ValueError(
             f"prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
             f"model.max_len {max_len}"
         )
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        key = jax.random.key(int(key))
-    sampling = Sampling(float(temperature), None if top_k is None else int(top_k), top_p)
+    key = _prng_key(key, temperature > 0)
+    sampling = Sampling(temperature, top_k, top_p)
     graphdef, state = nnx.split(model)
     return decode(
         graphdef,
@@ -254,5 +305,5 @@ def generate(
         key,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
-        stop_token=None if stop_token is None else int(stop_token),
+        stop_token=stop_token,
     )

@@ -250,6 +250,9 @@ def _draw_pictures(run_dir: Path, log) -> None:
     except (RunError, ImportError, ValueError) as err:
         log(f"pictures not drawn: {err}")
         return
+    except KeyboardInterrupt:  # the run is complete; only the pictures are missing
+        log(f"pictures not drawn (interrupted); draw them with: python -m jaxattn.viz {run_dir}")
+        return
     log(f"pictures: {', '.join(str(p) for p in paths)}")
 
 

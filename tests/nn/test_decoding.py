@@ -217,11 +217,11 @@ def test_all_rows_stopping_ends_the_loop_with_pads():
             {"max_new_tokens": 5},
             "prompt length 20 + max_new_tokens 5 exceeds model.max_len 24",
         ),
-        ([[1, 2]], {"temperature": -1.0}, "temperature must be a finite float >= 0"),
-        ([[1, 2]], {"temperature": float("nan")}, "temperature must be a finite float >= 0"),
-        ([[1, 2]], {"top_k": 0}, "top_k must be an int >= 1 or None"),
+        ([[1, 2]], {"temperature": -1.0}, "temperature must be 0 (greedy) or a float32 in"),
+        ([[1, 2]], {"temperature": float("nan")}, "temperature must be 0 (greedy) or a float32 in"),
+        ([[1, 2]], {"top_k": 0}, "top_k must be an int >= 1 or None, got 0"),
         ([[1, 2]], {"top_p": 0.0}, "top_p must be in (0, 1] or None"),
-        ([[1, 2]], {"stop_token": 13}, "stop_token must be a token id in [0, 13) or None"),
+        ([[1, 2]], {"stop_token": 13}, "stop_token must be an int in [0, 13) or None, got 13"),
         (np.ones((2, 3), np.int32), {"prompt_lengths": [3, 4]}, "prompt 1 has length 4"),
         (np.ones((2, 3), np.int32), {"prompt_lengths": [3]}, "prompt_lengths must be 2 ints"),
     ],
@@ -233,3 +233,42 @@ def test_generate_errors(prompts, kwargs, message):
         generate(model(), prompts, n, **kwargs)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": 1e-40}, "temperature must be 0 (greedy) or a float32 in"),
+        ({"temperature": 1e39}, "temperature must be 0 (greedy) or a float32 in"),
+        ({"temperature": 1.0, "key": 1.5}, "key must be a PRNG key"),
+        ({"temperature": 1.0, "key": np.zeros(3, np.uint32)}, "key must be a PRNG key"),
+        ({"key": 2**70}, "key must be a PRNG key or an int seed in [-2**63, 2**63)"),
+        ({"top_k": 2.0}, "top_k must be an int >= 1 or None, got 2.0"),
+        ({"stop_token": True}, "stop_token must be an int in [0, 13) or None, got True"),
+    ],
+)
+def test_sampling_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        generate(model(), [[1, 2]], 2, **kwargs)
+    assert message in str(info.value)
+
+
+def test_only_a_tiny_decoder_generates():
+    with pytest.raises(ValueError, match=r"model must be a jaxattn\.nn\.TinyDecoder, got Linear"):
+        generate(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), [[1, 2]], 2)
+
+
+def test_a_small_temperature_is_nearly_greedy_not_nan():
+    m = model()
+    greedy = generate(m, PROMPTS, 6)
+    np.testing.assert_array_equal(generate(m, PROMPTS, 6, temperature=1e-30, key=3), greedy)
+
+
+def test_what_pads_a_prompt_array_is_never_read():
+    """Padding past ``prompt_lengths`` may hold anything, even ids outside the vocabulary."""
+    m = model()
+    padded = np.array([[1, 5, 6, 7, 8], [1, 3, 999, -5, 12]])
+    out = generate(m, padded, 4, prompt_lengths=[5, 2])
+    np.testing.assert_array_equal(
+        out[1], np.asarray(generate(m, [[1, 3]], 4))[0].tolist() + [0] * 3
+    )
