@@ -151,7 +151,7 @@ class FlaxDecoder(nnx.Module):
         """One token per sequence (int ``[B]``) at ``position`` (the caches' index):
         float32 logits ``[B, V]`` of the next one."""
         x = self.embed(tokens[:, None]) * math.sqrt(self.d_model)
-        x = x + sinusoidal_at(position[None], self.d_model)
+        x = x + sinusoidal_at(position[None, None], self.d_model)  # [1, 1, D]
         for block in self.blocks:
             x = block(x)
         return self.embed.attend(self.final_norm(x))[:, 0].astype(jnp.float32)
