@@ -11,7 +11,8 @@ P = T/2 random tokens followed by M = T/2 greedy tokens. Three generators, each 
 loop, all producing the same tokens (checked before anything is timed):
 
 - ``jaxattn cached``: :func:`jaxattn.nn.decoding.decode`: ``model.prefill`` of the prompts,
-  then one ``model.decode_step`` per token over a ``[B, T, N, H]`` KVCache (lax.while_loop).
+  then one ``model.decode_step`` per token over a head-major ``[B, K, S, H]`` KVCache
+  (lax.while_loop).
 - ``flax nnx cache``: the same model (the same weights, copied) with its attention replaced
   by ``flax.nnx.MultiHeadAttention(decode=True)``, whose cache takes one token per call:
   the prompt is fed one token at a time, then the new tokens, in one lax.fori_loop.
