@@ -141,11 +141,6 @@ _nonnegative_int = _int_in(0, 2**31)
 _positive_int = _int_in(1, 2**31)
 
 
-def step_argument(text: str):
-    """``--step``: best, latest or a step number (ASCII digits)."""
-    return int(text) if re.fullmatch(r"[0-9]+", text) else text
-
-
 def _float_in(low: float, high: float, *, low_open: bool = False):
     import argparse
 
@@ -163,7 +158,7 @@ def _float_in(low: float, high: float, *, low_open: bool = False):
 
 
 def main(argv=None) -> int:
-    from jaxattn._cli import OneLineParser
+    from jaxattn._cli import OneLineParser, step_argument
 
     parser = OneLineParser(
         prog="python -m jaxattn.generate",
@@ -183,7 +178,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--temperature", type=_float_in(0.0, math.inf), default=0.0, help="0 = greedy"
     )
-    parser.add_argument("--top-k", type=_positive_int, default=None, help="sample among k best")
+    parser.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        help="sample among the k best (with --temperature)",
+    )
     parser.add_argument(
         "--top-p", type=_float_in(0.0, 1.0, low_open=True), default=None, help="nucleus mass"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -50,7 +51,11 @@ def plot_attention(weights, tokens, path, *, title: str | None = None) -> Path:
     if len(labels) != t:
         raise ValueError(f"tokens has length {len(labels)} but the weights cover {t} positions")
     # Shared axes: the tokens label the left column (queries) and the bottom row (keys).
-    side = max(1.6, 0.11 * t)  # inches per panel: about 8 pt per token
+    # Inches per panel: about 8 pt per token, at most 4 in (long sequences label every
+    # k-th token instead, so a picture of T = 400 is not 19k pixels wide).
+    side = min(max(1.6, 0.11 * t), 4.0)
+    every = max(1, math.ceil(t / 36))
+    ticks = list(range(0, t, every))
     fig, axes = plt.subplots(
         layers,
         heads,
@@ -65,8 +70,8 @@ def plot_attention(weights, tokens, path, *, title: str | None = None) -> Path:
             ax = axes[layer][head]
             image = ax.imshow(weights[layer, head], vmin=0.0, vmax=1.0, cmap="viridis")
             ax.set_title(f"layer {layer} head {head}", fontsize=8, pad=2)
-            ax.set_xticks(range(t), labels, fontsize=5, rotation=90)
-            ax.set_yticks(range(t), labels, fontsize=5)
+            ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=5, rotation=90)
+            ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=5)
             ax.tick_params(length=1.5, pad=1)
             if head == 0:
                 ax.set_ylabel("query", fontsize=7)
@@ -134,10 +139,11 @@ def _per_step(records, key: str, fallback: str):
     return np.asarray(steps[: len(values)]), np.asarray(values, np.float64)
 
 
-def plot_training_curves(records, path) -> Path:
+def plot_training_curves(records, path, *, label_smoothing: float = 0.0) -> Path:
     """Three panels against step, from :func:`read_metrics` records (or the path of a run's
     ``metrics.jsonl``): the training loss of every step and the held-out loss; held-out
-    token accuracy and exact-match; the learning rate."""
+    token accuracy and exact-match; the learning rate. ``label_smoothing``: the run's
+    ``optim.label_smoothing``, which the training loss includes and the held-out one not."""
     if not isinstance(records, list):
         records = read_metrics(records)
     plt = _pyplot()
@@ -148,9 +154,12 @@ def plot_training_curves(records, path) -> Path:
     steps = series("step")
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(12, 3.4))
     loss_steps, losses = _per_step(records, "step_losses", "train_loss")
-    # The training loss is label-smoothed (its floor is above 0), the held-out one is not.
-    ax_loss.plot(loss_steps, losses, lw=0.8, alpha=0.8, label="train, label-smoothed (every step)")
-    ax_loss.plot(steps, series("eval_loss"), marker="o", ms=3, label="held-out, not smoothed")
+    # A label-smoothed training loss has a floor above 0; the held-out loss is never smoothed.
+    train_label = "train, every step"
+    if label_smoothing:
+        train_label += f" (label smoothing {label_smoothing:g})"
+    ax_loss.plot(loss_steps, losses, lw=0.8, alpha=0.8, label=train_label)
+    ax_loss.plot(steps, series("eval_loss"), marker="o", ms=3, label="held-out")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy")
@@ -178,18 +187,24 @@ def _save(fig, path) -> Path:
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:  # Ctrl-C too: no half-written temporary is left behind
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise RunError.writing(path, err) from None
+        if isinstance(err, OSError):
+            raise RunError.writing(path, err) from None
+        raise
     finally:
         plt.close(fig)
     return path
 
 
+PICTURES = ("attention.png", "curves.png")  # what draw_run writes
+
+
 def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Path]:
     """Write ``attention.png`` (every layer and head on one held-out sequence) and
-    ``curves.png`` (loss and exact-match against step) of a run.
+    ``curves.png`` (losses, held-out accuracy and exact-match, learning rate against step)
+    of a run.
 
     Args:
       run_dir: a run directory written by train.py, finished or not.
@@ -214,14 +229,18 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunError.writing(out_dir, err) from None
-    for name in ("attention.png", "curves.png"):  # both writable before either is drawn
+    for name in PICTURES:  # both writable before either is drawn
         if (out_dir / name).is_dir():
             raise RunError(f"cannot write {out_dir / name}: it is a directory")
     tokens = batch.inputs[example : example + 1]
     _, weights = model(tokens, return_attention=True)  # [L, 1, N, T, T]
     title = f"{config.name}: {config.task.name}, held-out sequence {example}"
     paths = [plot_attention(weights[:, 0], tokens[0], out_dir / "attention.png", title=title)]
-    paths.append(plot_training_curves(records, out_dir / "curves.png"))
+    paths.append(
+        plot_training_curves(
+            records, out_dir / "curves.png", label_smoothing=config.optim.label_smoothing
+        )
+    )
     return paths
 
 
@@ -241,7 +260,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     silence_for_exit = None
     try:
-        from jaxattn.generate import step_argument
+        from jaxattn._cli import step_argument
         from jaxattn.train._orbax_errors import silence_for_exit
 
         step = step_argument(args.step)

@@ -71,7 +71,8 @@ def test_sampling_flags_are_reproducible(tiny, capsys):
 
 def test_the_stop_token_ends_the_answer(tiny, capsys):
     run_dir, _, _ = tiny
-    assert main(["--run", str(run_dir), "--prompt", "3 4 5 6 7", "--stop-token", "5"]) == 0
+    argv = ["--run", str(run_dir), "--prompt", "3 4 5 6 7 8 9 10 11 12", "--stop-token", "5"]
+    assert main(argv) == 0
     assert answers(capsys) == [[3, 4, 5]]
 
 

@@ -274,3 +274,16 @@ def test_a_picture_that_cannot_be_drawn_costs_one_line_not_the_run(tmp_path, mon
     assert logs[-1] == "pictures not drawn: pictures need matplotlib: pip install 'jaxattn[viz]'"
     assert (result.run_dir / "summary.json").is_file()
     assert not (result.run_dir / "attention.png").exists()
+    # Any other failure too: one line, the run stands.
+    monkeypatch.setattr(jaxattn.viz, "draw_run", lambda run_dir: 1 / 0)
+    train(config, resume=True, log=logs.append)
+    assert logs[-1] == "pictures not drawn: ZeroDivisionError('division by zero')"
+    # Resuming the finished run draws the missing pictures, and only while they are missing.
+    calls = []
+    monkeypatch.setattr(jaxattn.viz, "draw_run", lambda run_dir: calls.append(run_dir) or [])
+    train(config, resume=True, log=logs.append)
+    assert calls == [result.run_dir]
+    for name in PICTURES:
+        (result.run_dir / name).write_bytes(b"drawn")
+    train(config, resume=True, log=logs.append)
+    assert calls == [result.run_dir]

@@ -257,11 +257,14 @@ def generate(
         many tokens of each row are the prompt (default: all P).
       temperature: 0 (the default) decodes greedily; above 0 samples from
         softmax(logits / temperature).
-      top_k: sample only among the k most likely tokens.
-      top_p: sample only among the most likely tokens whose probability sums to top_p.
+      top_k: sample only among the k most likely tokens (ignored when greedy).
+      top_p: sample only among the most likely tokens whose probability sums to top_p
+        (ignored when greedy).
       stop_token: a token id that ends a sequence: it is kept, PAD follows it, and the
         loop stops once every sequence has stopped.
-      key: a PRNG key or an int seed for sampling (the same key, the same tokens).
+      key: a PRNG key or an int seed for sampling (the same key and batch, the same
+        tokens; one key serves the whole batch, so a sampled row depends on its place in
+        the batch, while greedy rows never depend on the others).
 
     Returns:
       int32 ``[B, P + max_new_tokens]``: row b holds its prompt, its new tokens, then PAD
@@ -295,7 +298,8 @@ def generate(
             f"model.max_len {max_len}"
         )
     key = _prng_key(key, temperature > 0)
-    sampling = Sampling(temperature, top_k, top_p)
+    # Greedy ignores top_k and top_p: one program for every greedy call.
+    sampling = Sampling(temperature, top_k, top_p) if temperature > 0 else GREEDY
     graphdef, state = nnx.split(model)
     return decode(
         graphdef,

@@ -58,16 +58,17 @@ class TinyDecoder(nnx.Module):
 
     # ------------------------------------------------------------------ generation, cached
 
-    def init_cache(self, batch_size: int, size: int, dtype=jnp.float32) -> KVCache:
+    def init_cache(self, batch_size: int, size: int) -> KVCache:
         """An empty :class:`KVCache` of ``size`` slots (1 <= size <= ``max_len``) for
-        ``batch_size`` sequences: per layer ``2 * B * size * K * H`` numbers of ``dtype``."""
+        ``batch_size`` sequences: per layer ``2 * B * K * size * H`` float32 numbers, the
+        dtype of the model's keys and values (the kernel takes q, k and v of one dtype)."""
         if not 1 <= size <= self.config.max_len:
             raise ValueError(
                 f"cache size must be in [1, model.max_len={self.config.max_len}], got {size}"
             )
         attention = self.blocks[0].attention
         return KVCache.zeros(
-            len(self.blocks), batch_size, size, attention.num_kv_heads, attention.head_dim, dtype
+            len(self.blocks), batch_size, size, attention.num_kv_heads, attention.head_dim
         )
 
     def prefill(self, tokens, cache: KVCache, lengths=None):
@@ -77,7 +78,8 @@ class TinyDecoder(nnx.Module):
         prompt. Returns (float32 logits ``[B, P, V]``, the cache holding them): the logits
         of row b at ``lengths[b] - 1`` predict its first new token; those at padding are
         meaningless. One call, causal attention within the prompts (the blockwise path for
-        long ones); the cache's earlier contents are overwritten, never read.
+        long ones); slots [0, P) are overwritten, and what later slots held is masked until
+        a step writes them.
         """
         b, p = tokens.shape
         if p > cache.size:

@@ -189,10 +189,11 @@ def train(
     Args:
       resume: continue the run in that directory from its latest checkpoint (a new run is
         started when there is none). Its config must equal ``config`` except for
-        ``train.run_dir``, ``train.progress``, ``train.checkpoint_every`` and
-        ``train.keep_checkpoints``.
+        ``train.run_dir``, ``train.progress``, ``train.checkpoint_every``,
+        ``train.keep_checkpoints`` and ``train.pictures``.
       overwrite: replace the run in that directory (only the files a run writes are deleted).
-      log: where the one-line result goes.
+      log: where the one-line result goes, and the line naming the pictures (or why they
+        were not drawn: that never fails a run that is complete).
 
     Raises:
       RunError: the directory is not ours or cannot be written, a checkpoint cannot be
@@ -226,7 +227,7 @@ def train(
             if session.done:  # a resumed run that had finished: only what is missing
                 log(f"{run.path} finished at step {session.progress.step} already")
                 result = session.repair(log)
-                missing = not all((run.path / name).is_file() for name in PICTURES)
+                missing = not all((run.path / name).is_file() for name in _pictures())
             else:
                 _write(run.path / "config.yaml", dump_config(config))
                 _write(run.path / "metrics.jsonl", session.metrics_text())
@@ -237,7 +238,10 @@ def train(
     return result
 
 
-PICTURES = ("attention.png", "curves.png")
+def _pictures() -> tuple[str, ...]:
+    from jaxattn.viz import PICTURES
+
+    return PICTURES
 
 
 def _draw_pictures(run_dir: Path, log) -> None:
@@ -247,8 +251,9 @@ def _draw_pictures(run_dir: Path, log) -> None:
         from jaxattn.viz import draw_run
 
         paths = draw_run(run_dir)
-    except (RunError, ImportError, ValueError) as err:
-        log(f"pictures not drawn: {err}")
+    except Exception as err:  # whatever it is, the run stands
+        known = isinstance(err, (RunError, ImportError, ValueError))
+        log(f"pictures not drawn: {err if known else repr(err)}")
         return
     except KeyboardInterrupt:  # the run is complete; only the pictures are missing
         log(f"pictures not drawn (interrupted); draw them with: python -m jaxattn.viz {run_dir}")

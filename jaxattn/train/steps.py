@@ -104,7 +104,8 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
     answer exactly if and only if the argmax at every answer position, given the true prefix,
     is the true next token (by induction over the answer: while the decoded prefix equals the
     true one, the model sees the same input). That is one forward pass instead of L. With
-    ``decode=True`` it is computed by actually running :func:`jaxattn.nn.generate` (the tests
+    ``decode=True`` it is computed by actually decoding, with the key/value cache
+    (:func:`jaxattn.nn.decoding.decode`, what :func:`jaxattn.nn.generate` runs; the tests
     check that both agree).
     """
     task = config.task

@@ -183,7 +183,6 @@ def test_the_stop_token_ends_a_row_and_pads_after_it():
         want = list(p) + new
         np.testing.assert_array_equal(out[b, : len(want)], want)
         np.testing.assert_array_equal(out[b, len(want) :], 0)
-    assert list(out[0, len(PROMPTS[0]) : len(PROMPTS[0]) + 3]).count(stop) >= 1
 
 
 def test_all_rows_stopping_ends_the_loop_with_pads():
@@ -272,3 +271,12 @@ def test_what_pads_a_prompt_array_is_never_read():
     np.testing.assert_array_equal(
         out[1], np.asarray(generate(m, [[1, 3]], 4))[0].tolist() + [0] * 3
     )
+
+
+def test_one_new_token_and_pad_as_the_stop_token():
+    m = model()
+    greedy = np.asarray(generate(m, PROMPTS, 3))
+    one = np.asarray(generate(m, PROMPTS, 1, stop_token=0))  # no decode step at all
+    for b, p in enumerate(PROMPTS):
+        np.testing.assert_array_equal(one[b, : len(p) + 1], greedy[b, : len(p) + 1])
+        np.testing.assert_array_equal(one[b, len(p) + 1 :], 0)
