@@ -70,15 +70,30 @@ def rng():
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory):
-    """The README's default run (configs/tiny.yaml, pictures on), trained once per worker
-    until it copies every held-out sequence (about 10 s). Tests that use it are marked
-    ``xdist_group("tiny_run")`` so one worker trains it. Read it; never write into it."""
+    """The README's default run (configs/tiny.yaml, pictures on), trained until it copies
+    every held-out sequence (about 10 s): once per pytest run, whatever the workers. Under
+    xdist the first worker to ask trains it into the session's shared temporary directory,
+    holding a lock; the others wait and read it. Read it; never write into it."""
+    import fcntl
+    import json
+    import os
+
     from jaxattn.train.config import load_config
     from jaxattn.train.loop import train
 
-    run_dir = tmp_path_factory.mktemp("tiny") / "tiny"
-    config = load_config("configs/tiny.yaml", [f"train.run_dir={run_dir}", "train.progress=false"])
-    logs = []
-    result = train(config, log=logs.append)
-    assert result.reached_target, logs
-    return result.run_dir, logs
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's directory, above each worker's own
+    run_dir, log_file = shared / "tiny" / "tiny", shared / "tiny" / "train.log"
+    run_dir.parent.mkdir(exist_ok=True)
+    with open(shared / "tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not log_file.exists():
+            config = load_config(
+                "configs/tiny.yaml", [f"train.run_dir={run_dir}", "train.progress=false"]
+            )
+            logs = []
+            result = train(config, log=logs.append)
+            assert result.reached_target, logs
+            log_file.write_text(json.dumps(logs))
+    return run_dir, json.loads(log_file.read_text())

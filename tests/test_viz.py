@@ -287,3 +287,11 @@ def test_a_picture_that_cannot_be_drawn_costs_one_line_not_the_run(tmp_path, mon
         (result.run_dir / name).write_bytes(b"drawn")
     train(config, resume=True, log=logs.append)
     assert calls == [result.run_dir]
+
+
+def test_a_long_sequence_gets_a_picture_of_bounded_size(tmp_path):
+    t = 401  # task.length 200: panels capped at 4 in, every 12th token labelled
+    weights = np.tril(np.ones((t, t), np.float32))
+    weights = np.broadcast_to(weights / weights.sum(-1, keepdims=True), (1, 2, t, t))
+    path = plot_attention(weights, np.arange(t) % 16, tmp_path / "long.png")
+    assert png_size(path) == ((4.0 * 2 + 1.0) * 110, (4.0 + 0.5) * 110)
