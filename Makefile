@@ -23,7 +23,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup  # a worker per core; a group shares a trained run
+	$(BIN)/python -m pytest -q -n auto  # one worker per core: compiles are single-threaded
 
 train: venv
 	$(BIN)/python train.py --config configs/tiny.yaml

@@ -12,8 +12,6 @@ from jaxattn.generate import main
 from jaxattn.nn.decoding import generate
 from jaxattn.train import load_run, tasks
 
-pytestmark = pytest.mark.xdist_group("tiny_run")  # the worker that trains trained_tiny
-
 
 @pytest.fixture(scope="module")
 def tiny(trained_tiny):

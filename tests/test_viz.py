@@ -213,7 +213,6 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-@pytest.mark.xdist_group("tiny_run")
 def test_training_draws_both_pictures_at_its_expected_size(trained_tiny):
     run_dir, logs = trained_tiny
     assert f"pictures: {run_dir / 'attention.png'}, {run_dir / 'curves.png'}" in logs
@@ -229,7 +228,6 @@ def test_training_draws_both_pictures_at_its_expected_size(trained_tiny):
     assert all(isinstance(x, float) and x > 0 for x in losses)
 
 
-@pytest.mark.xdist_group("tiny_run")
 def test_the_trained_copier_attends_to_the_source_of_each_copied_token(trained_tiny):
     """Numbers behind the picture: predicting answer token j, some head of the trained
     model looks at x_j in the prompt, for every j and almost every sequence."""
