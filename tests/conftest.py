@@ -77,6 +77,7 @@ def trained_tiny(tmp_path_factory):
     import fcntl
     import json
     import os
+    from pathlib import Path
 
     from jaxattn.train.config import load_config
     from jaxattn.train.loop import train
@@ -90,7 +91,8 @@ def trained_tiny(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not log_file.exists():
             config = load_config(
-                "configs/tiny.yaml", [f"train.run_dir={run_dir}", "train.progress=false"]
+                Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+                [f"train.run_dir={run_dir}", "train.progress=false"],
             )
             logs = []
             result = train(config, log=logs.append)
