@@ -365,7 +365,15 @@ class Checkpoints:
 
     def _restore_item(self, step: int, item: str, like):
         ocp = self._ocp
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+        # Each array is read into the sharding of ``like`` (the run's mesh now, which may
+        # differ from the mesh that saved it), or onto one device when ``like`` has none.
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+        def target(x):
+            sharding = getattr(x, "sharding", None) or one_device
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+        abstract = jax.tree.map(target, like)
         args = ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
         try:
             with errors.quiet():

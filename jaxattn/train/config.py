@@ -70,12 +70,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # devices the batch is split over (-1: all the others leave)
+    fsdp: int = 1  # devices the batch and the weights' model width are split over
+    tensor: int = 1  # devices the heads, the feed-forward width and the vocabulary are split over
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "tiny"  # run name: default run directory runs/<name>
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 def to_dict(config) -> dict:
@@ -86,7 +94,13 @@ def to_dict(config) -> dict:
 # --------------------------------------------------------------------------------------------
 # Loading, overrides and validation
 
-_SECTIONS = {"model": ModelConfig, "task": TaskConfig, "optim": OptimConfig, "train": TrainConfig}
+_SECTIONS = {
+    "model": ModelConfig,
+    "task": TaskConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "mesh": MeshConfig,
+}
 _TOP_KEYS = ("base", "name", *_SECTIONS)
 _TYPE_NAMES = {int: "an int", float: "a float", bool: "a bool (true or false)", str: "a string"}
 
@@ -127,6 +141,7 @@ _POSITIVE = ((lambda v: v > 0), "> 0")
 _UNIT_CLOSED = ((lambda v: 0 <= v <= 1), "in [0, 1]")
 _UNIT_OPEN = ((lambda v: 0 <= v < 1), "in [0, 1)")
 # PRNG keys are made from 32-bit seeds: 2**32 would silently give seed 0's run.
+_MESH_AXIS = ((lambda v: v == -1 or v >= 1), "-1 (all remaining devices) or an int >= 1")
 _SEED = ((lambda v: 0 <= v < 2**32), "in [0, 2**32 - 1] (a 32-bit seed)")
 
 # Dotted key -> (predicate, what is allowed); None values of optional keys skip the rule.
@@ -152,6 +167,9 @@ _RULES = {
     "task.batch_size": _at_least(1),
     "task.eval_size": _at_least(1),
     "task.eval_seed": _SEED,
+    "mesh.data": _MESH_AXIS,
+    "mesh.fsdp": _MESH_AXIS,
+    "mesh.tensor": _MESH_AXIS,
     "optim.learning_rate": _POSITIVE,
     "optim.schedule": _one_of(*SCHEDULES),
     "optim.warmup_steps": _at_least(0),

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxattn.train import tasks
+from jaxattn.train import sharding, tasks
 from jaxattn.train.checkpoints import Checkpoints, model_spec, spec_fingerprint
 from jaxattn.train.config import (
     Config,
@@ -58,6 +58,9 @@ _RESUMABLE_DIFFERENCES = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.pictures",
+    "mesh.data",  # the mesh may change: the same steps, sharded otherwise
+    "mesh.fsdp",
+    "mesh.tensor",
 )
 _PER_STEP = ("loss", "accuracy", "lr", "nonfinite")  # per-step values kept until an evaluation
 
@@ -208,6 +211,7 @@ def train(
     # Room for the kept checkpoints, one being written, and a margin: checked before the
     # run directory is created (each save checks again against the checkpoints' real size).
     needed = (config.train.keep_checkpoints + 2) * (_state_bytes(config, optimizer) + 2**18)
+    mesh = _mesh(config)  # before the run directory exists: a refusal leaves nothing
     with (
         _StopSignals() as stop,
         open_run_dir(
@@ -219,7 +223,7 @@ def train(
             _check_resumable(run, config)
         elif resume:
             log(f"no run in {run.path} to resume; starting a new one")
-        graphdef, params, opt_state = init_state(config, optimizer)
+        graphdef, params, opt_state = init_state(config, optimizer, mesh)
         with Checkpoints(run.checkpoints, keep=config.train.keep_checkpoints) as ckpts:
             session = _Session(config, run, ckpts, stop, start)
             if resuming and ckpts.latest_step() is not None:
@@ -231,7 +235,7 @@ def train(
             else:
                 _write(run.path / "config.yaml", dump_config(config))
                 _write(run.path / "metrics.jsonl", session.metrics_text())
-                session.train(params, opt_state, graphdef, optimizer)
+                session.train(params, opt_state, graphdef, optimizer, mesh)
                 result, missing = session.finish(log), True
     if config.train.pictures and missing:  # after the timed run, matplotlib imported only here
         _draw_pictures(result.run_dir, log)
@@ -259,6 +263,21 @@ def _draw_pictures(run_dir: Path, log) -> None:
         log(f"pictures not drawn (interrupted); draw them with: python -m jaxattn.viz {run_dir}")
         return
     log(f"pictures: {', '.join(str(p) for p in paths)}")
+
+
+def _mesh(config: Config):
+    """The device mesh of ``config.mesh`` (:mod:`jaxattn.train.sharding`), or None on one
+    device: nothing to shard. Raises RunError (one line) for a mesh these devices cannot
+    make or a batch it cannot split."""
+    m = config.mesh
+    try:
+        mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
+        if mesh.size == 1:
+            return None
+        sharding.check_batch(config.task.batch_size, mesh)
+    except sharding.MeshError as err:
+        raise RunError(str(err)) from None
+    return mesh
 
 
 def _check_resumable(run: RunDir, config: Config) -> None:
@@ -328,9 +347,9 @@ class _Session:
         self.resumed_from = self.saved_step = latest
         return params, opt_state
 
-    def train(self, params, opt_state, graphdef, optimizer) -> None:
+    def train(self, params, opt_state, graphdef, optimizer, mesh=None) -> None:
         tc, progress = self.config.train, self.progress
-        chunk_fn = make_train_chunk(self.config, graphdef, optimizer)
+        chunk_fn = make_train_chunk(self.config, graphdef, optimizer, mesh)
         evaluate = make_eval_fn(self.config, graphdef)
         size, every = chunk_size(tc), checkpoint_every(tc)
         base_key = tasks.seed_key(tc.seed)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxattn.nn import decoding
 from jaxattn.nn.model import TinyDecoder
-from jaxattn.train import tasks
+from jaxattn.train import sharding, tasks
 from jaxattn.train.config import Config
 from jaxattn.train.optim import cross_entropy, make_schedule, token_accuracy
 
@@ -44,12 +44,15 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransformation):
+def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransformation, mesh=None):
     """A jitted ``(params, opt_state, base_key, start_step, n) -> (params, opt_state, metrics)``.
 
     Runs ``n`` (static) steps in a ``lax.scan``; step ``i`` draws its batch and dropout keys
     from ``fold_in(base_key, i)``, so a run is reproducible from its seed whatever the chunk
-    size. ``params`` and ``opt_state`` are donated. Metrics are per-step arrays ``[n]``:
+    size. ``params`` and ``opt_state`` are donated. On a ``mesh``
+    (:mod:`jaxattn.train.sharding`) each batch is split over data and fsdp, and the new
+    parameters and optimizer state keep the shardings of the rules. Metrics are per-step
+    arrays ``[n]``:
     ``loss``, ``accuracy``, ``lr`` and ``nonfinite`` (bool: the loss or a gradient is not
     finite).
 
@@ -71,6 +74,8 @@ def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransfor
             params, opt_state = carry
             batch_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, step))
             batch = tasks.make_batch(task, batch_key, task.batch_size)
+            if mesh is not None:
+                batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
             (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 params, graphdef, batch, dropout_key if use_dropout else None, smoothing
             )
@@ -92,7 +97,15 @@ def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransfor
         (params, opt_state), metrics = jax.lax.scan(one_step, (params, opt_state), steps)
         return params, opt_state, metrics
 
-    return jax.jit(chunk, static_argnums=(4,), donate_argnums=(0, 1))
+    if mesh is None:
+        return jax.jit(chunk, static_argnums=(4,), donate_argnums=(0, 1))
+    params_sh, opt_sh = state_shardings(config, optimizer, mesh)
+    return jax.jit(
+        chunk,
+        static_argnums=(4,),
+        donate_argnums=(0, 1),
+        out_shardings=(params_sh, opt_sh, sharding.replicated(mesh)),
+    )
 
 
 def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
@@ -143,14 +156,23 @@ def abstract_model(config: Config):
     return nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
 
 
-def init_state(config: Config, optimizer: optax.GradientTransformation):
+def state_shardings(config: Config, optimizer: optax.GradientTransformation, mesh):
+    """The NamedShardings of the parameters and of the optimizer state on ``mesh``, by
+    :mod:`jaxattn.train.sharding`'s rules (shapes only: nothing is computed)."""
+    _, params = abstract_model(config)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    return sharding.shardings_of(params, mesh), sharding.shardings_of(opt_state, mesh)
+
+
+def init_state(config: Config, optimizer: optax.GradientTransformation, mesh=None):
     """``(graphdef, params, opt_state)``, initialised in one compiled call: eager NNX
-    initialisation dispatches (and compiles) every small op one by one, seconds on CPU."""
+    initialisation dispatches (and compiles) every small op one by one, seconds on CPU.
+    On a ``mesh`` every array is created in its shard (never whole on one device)."""
     graphdef, _ = abstract_model(config)
 
-    @jax.jit
     def init():
         params = nnx.split(build_model(config), nnx.Param)[1]
         return params, optimizer.init(params)
 
-    return (graphdef, *init())
+    shardings = None if mesh is None else state_shardings(config, optimizer, mesh)
+    return (graphdef, *jax.jit(init, out_shardings=shardings)())

@@ -1,0 +1,143 @@
+"""Training on a device mesh: the mesh, the rules that shard parameters, and the shardings
+of everything a train step reads and writes.
+
+The engine is JAX's own (``jit`` over a :class:`jax.sharding.Mesh` with ``NamedSharding``):
+no parallel loop of ours. The mesh has three axes:
+
+- ``data``: the batch is split across it; parameters are replicated along it.
+- ``fsdp``: the batch is split across it too, and so is every weight matrix's model-width
+  (``D``) side, with the optimizer state that mirrors it (ZeRO-3 / FSDP style).
+- ``tensor``: the heads (``N*H``), the feed-forward hidden width and the vocabulary are
+  split across it (Megatron style).
+
+A dimension whose size the axis does not divide stays whole (replicated), so every rule
+holds for every model. One device is a 1 x 1 x 1 mesh: nothing to set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "AXES",
+    "BATCH",
+    "MeshError",
+    "batch_sharding",
+    "check_batch",
+    "make_mesh",
+    "param_spec",
+    "replicated",
+    "shardings_of",
+]
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # the mesh axes a batch's first dimension is split over
+
+# (module name, leaf name) -> the mesh axis of each dim of that leaf. Kernels are [in, out].
+_RULES = {
+    ("embed", "embedding"): ("tensor", "fsdp"),  # [V, D]
+    ("position_embed", "embedding"): (None, "fsdp"),  # [max_len, D]
+    ("q_proj", "kernel"): ("fsdp", "tensor"),  # [D, N*H]
+    ("k_proj", "kernel"): ("fsdp", "tensor"),  # [D, K*H]
+    ("v_proj", "kernel"): ("fsdp", "tensor"),
+    ("q_proj", "bias"): ("tensor",),
+    ("k_proj", "bias"): ("tensor",),
+    ("v_proj", "bias"): ("tensor",),
+    ("out_proj", "kernel"): ("tensor", "fsdp"),  # [N*H, D]
+    ("up", "kernel"): ("fsdp", "tensor"),  # [D, d_ff]
+    ("up", "bias"): ("tensor",),
+    ("down", "kernel"): ("tensor", "fsdp"),  # [d_ff, D]
+    ("unembed", "kernel"): ("fsdp", "tensor"),  # [D, V]
+    ("unembed", "bias"): ("tensor",),
+}  # everything else (LayerNorm scales and biases, output biases, counters): replicated
+
+
+class MeshError(ValueError):
+    """A mesh these devices cannot make, or a batch it cannot split; one line."""
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all of them).
+
+    One size may be -1: all the devices the others leave. The sizes must multiply to the
+    number of devices. Raises :class:`MeshError` naming the sizes and the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise MeshError(
+            f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}"
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise MeshError(
+                f"mesh data={data}, fsdp={fsdp}, tensor={tensor}: this process sees "
+                f"{_devices(len(devices))}, not a multiple of {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise MeshError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
+            f"{math.prod(sizes)} devices, this process sees {_devices(len(devices))}"
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), AXES)
+
+
+def _devices(n: int) -> str:
+    return f"{n} device" + ("" if n == 1 else "s")
+
+
+def _names(path) -> list[str]:
+    """The string keys of a pytree path (dict keys and attribute names), in order."""
+    names = []
+    for entry in path:
+        name = getattr(entry, "key", getattr(entry, "name", None))
+        if isinstance(name, str) and name not in ("value", "raw_value"):
+            names.append(name)
+    return names
+
+
+def param_spec(path, shape, mesh: Mesh) -> P:
+    """The PartitionSpec of the parameter (or its optimizer moment) at pytree ``path``."""
+    names = _names(path)
+    axes = _RULES.get(tuple(names[-2:]), ()) if len(names) >= 2 else ()
+    if len(axes) != len(shape):
+        return P()
+    spec = [
+        axis if axis is not None and dim % mesh.shape[axis] == 0 else None
+        for axis, dim in zip(axes, shape, strict=True)
+    ]
+    return P(*spec)
+
+
+def shardings_of(tree, mesh: Mesh):
+    """A NamedSharding for every leaf of ``tree`` (parameters, or an optimizer state that
+    mirrors them: Adam's moments have the parameters' paths under ``mu`` / ``nu``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(mesh, param_spec(path, np.shape(leaf), mesh)), tree
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Arrays ``[B, ...]`` split over data and fsdp along B."""
+    return NamedSharding(mesh, P(BATCH))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch(batch_size: int, mesh: Mesh, what: str = "task.batch_size") -> None:
+    """Raise :class:`MeshError` unless data x fsdp divides ``batch_size``."""
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % split:
+        raise MeshError(
+            f"{what}={batch_size} cannot be split over data x fsdp = {split} devices; use a "
+            f"multiple of {split}"
+        )
