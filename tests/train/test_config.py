@@ -275,7 +275,14 @@ def test_save_load_round_trip(tmp_path, overrides):
     path.parent.mkdir()
     path.write_text(dump_config(config))
     assert load_config(path) == config
-    assert list(yaml.safe_load(path.read_text())) == ["name", "model", "task", "optim", "train", "mesh"]
+    assert list(yaml.safe_load(path.read_text())) == [
+        "name",
+        "model",
+        "task",
+        "optim",
+        "train",
+        "mesh",
+    ]
 
 
 # ----------------------------------------------------------------------------- error messages
@@ -297,7 +304,8 @@ def test_unknown_key_without_close_match(tmp_path):
     assert "target_exact_match" in message and "progress" in message
     message = error(write(tmp_path, "qqqq: 1\n"))
     expected = (
-        "unknown config key 'qqqq'; allowed top-level keys: base, name, model, task, optim, train, mesh"
+        "unknown config key 'qqqq'; allowed top-level keys: "
+        "base, name, model, task, optim, train, mesh"
     )
     assert message == expected
     assert "unknown config key 'model.d_model.x'" in error(TINY, ["model.d_model.x=1"])
