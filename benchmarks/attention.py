@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, matmul_ceiling_gflops, time_interleaved
+from common import machine, matmul_ceiling_gflops, run_main, time_interleaved
 
 import jaxattn
 from jaxattn import attention as attention_module
@@ -511,8 +511,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # the rows printed so far stand; nothing is written to disk
-        print("\ninterrupted: the rows above are complete, the rest was not measured")
-        sys.exit(130)
+    run_main(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -74,3 +75,13 @@ def machine() -> str:
         f"{dev.platform.upper()} ({getattr(dev, 'device_kind', '?')}), host {cpu}, "
         f"{os.cpu_count()} cores; jax {jax.__version__}, Python {platform.python_version()}"
     )
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a benchmark's ``main``; Ctrl-C ends it with one line and exit 130, the table rows
+    printed so far standing (nothing is written to disk)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: the rows above are complete, the rest was not measured")
+        sys.exit(130)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxattn.train.rundir import RunError, describe_os_error
+from jaxattn.train.rundir import PICTURES, RunError, describe_os_error
 
 
 def _pyplot():
@@ -196,9 +196,6 @@ def _save(fig, path) -> Path:
     finally:
         plt.close(fig)
     return path
-
-
-PICTURES = ("attention.png", "curves.png")  # what draw_run writes
 
 
 def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Path]:

@@ -39,7 +39,7 @@ from jaxattn.train.config import (
     to_dict,
 )
 from jaxattn.train.optim import make_optimizer
-from jaxattn.train.rundir import RunDir, RunError, atomic_write_text, open_run_dir
+from jaxattn.train.rundir import PICTURES, RunDir, RunError, atomic_write_text, open_run_dir
 from jaxattn.train.steps import (
     abstract_model,
     init_state,
@@ -231,7 +231,7 @@ def train(
             if session.done:  # a resumed run that had finished: only what is missing
                 log(f"{run.path} finished at step {session.progress.step} already")
                 result = session.repair(log)
-                missing = not all((run.path / name).is_file() for name in _pictures())
+                missing = not all((run.path / name).is_file() for name in PICTURES)
             else:
                 _write(run.path / "config.yaml", dump_config(config))
                 _write(run.path / "metrics.jsonl", session.metrics_text())
@@ -240,12 +240,6 @@ def train(
     if config.train.pictures and missing:  # after the timed run, matplotlib imported only here
         _draw_pictures(result.run_dir, log)
     return result
-
-
-def _pictures() -> tuple[str, ...]:
-    from jaxattn.viz import PICTURES
-
-    return PICTURES
 
 
 def _draw_pictures(run_dir: Path, log) -> None:

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - depends on the platform
 __all__ = [
     "MARK",
     "OWNED",
+    "PICTURES",
     "RunDir",
     "RunError",
     "atomic_write_text",
@@ -45,14 +46,8 @@ MARK = ".jaxattn-run"  # the file that says "this directory is a jaxattn run"
 CHECKPOINTS = "checkpoints"
 # What a run writes into its directory, and all that --overwrite deletes. Anything else a
 # user put there (notes, pictures drawn elsewhere) stays.
-OWNED = (
-    CHECKPOINTS,
-    "config.yaml",
-    "metrics.jsonl",
-    "summary.json",
-    "attention.png",
-    "curves.png",
-)
+PICTURES = ("attention.png", "curves.png")  # what jaxattn.viz.draw_run writes into a run
+OWNED = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "summary.json", *PICTURES)
 
 
 class RunError(Exception):
