@@ -25,3 +25,5 @@ class ModelConfig:
     dropout: float = 0.0  # on residual branches and embeddings
     attention_dropout: float = 0.0  # on attention weights
     tie_embeddings: bool = True  # output projection = embedding matrix transposed
+    compute_dtype: str = "float32"  # float32 | bfloat16: matmuls and activations (params f32)
+    remat: bool = False  # recompute each block's activations in the backward pass (jax.checkpoint)

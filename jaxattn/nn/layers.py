@@ -21,6 +21,10 @@ from jaxattn.nn.config import ModelConfig
 POSITIONS = ("sinusoidal", "learned", "rotary")  # model.positions
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}  # model.activation -> function
 NORMS = ("pre", "post")  # model.norm: LayerNorm before or after each residual branch
+# model.compute_dtype -> the dtype of matmuls and activations. Parameters stay float32 (the
+# optimizer updates them there); each layer casts them to this dtype at use. LayerNorm
+# statistics, attention logits and softmax, and the logits and loss are float32 whatever it is.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def dropout(x, rate: float, key):
@@ -90,10 +94,11 @@ class MultiHeadAttention(nnx.Module):
         self.head_dim = d // config.num_heads
         self.rotary = config.positions == "rotary"
         self.attention_dropout = config.attention_dropout
-        self.q_proj = nnx.Linear(d, self.num_heads * self.head_dim, rngs=rngs)
-        self.k_proj = nnx.Linear(d, self.num_kv_heads * self.head_dim, rngs=rngs)
-        self.v_proj = nnx.Linear(d, self.num_kv_heads * self.head_dim, rngs=rngs)
-        self.out_proj = nnx.Linear(self.num_heads * self.head_dim, d, rngs=rngs)
+        dt = COMPUTE_DTYPES[config.compute_dtype]
+        self.q_proj = nnx.Linear(d, self.num_heads * self.head_dim, dtype=dt, rngs=rngs)
+        self.k_proj = nnx.Linear(d, self.num_kv_heads * self.head_dim, dtype=dt, rngs=rngs)
+        self.v_proj = nnx.Linear(d, self.num_kv_heads * self.head_dim, dtype=dt, rngs=rngs)
+        self.out_proj = nnx.Linear(self.num_heads * self.head_dim, d, dtype=dt, rngs=rngs)
 
     def _project(self, x, positions):
         """``x [B, T, D]`` at int ``positions`` (``[T]`` or ``[B, T]``) -> q ``[B, T, N, H]``,
@@ -172,8 +177,9 @@ class FeedForward(nnx.Module):
     """Position-wise ``D -> d_ff -> D`` with ReLU or GELU."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.up = nnx.Linear(config.d_model, config.d_ff, rngs=rngs)
-        self.down = nnx.Linear(config.d_ff, config.d_model, rngs=rngs)
+        dt = COMPUTE_DTYPES[config.compute_dtype]
+        self.up = nnx.Linear(config.d_model, config.d_ff, dtype=dt, rngs=rngs)
+        self.down = nnx.Linear(config.d_ff, config.d_model, dtype=dt, rngs=rngs)
         self.activation = ACTIVATIONS[config.activation]
         self.rate = config.dropout
 
@@ -193,8 +199,10 @@ class DecoderBlock(nnx.Module):
         self.rate = config.dropout
         self.attention = MultiHeadAttention(config, rngs=rngs)
         self.feed_forward = FeedForward(config, rngs=rngs)
-        self.norm1 = nnx.LayerNorm(config.d_model, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(config.d_model, rngs=rngs)
+        # Statistics in float32 whatever dtype (Flax promotes them); output in the compute dtype.
+        dt = COMPUTE_DTYPES[config.compute_dtype]
+        self.norm1 = nnx.LayerNorm(config.d_model, dtype=dt, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(config.d_model, dtype=dt, rngs=rngs)
 
     def __call__(self, x, *, key=None, return_weights: bool = False):
         """``x [B, T, D]`` -> (``[B, T, D]``, attention weights ``[B, N, T, T]`` or None)."""

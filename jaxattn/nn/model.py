@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxattn.nn.cache import KVCache
 from jaxattn.nn.config import ModelConfig
-from jaxattn.nn.layers import DecoderBlock, dropout, sinusoidal_at, split_keys
+from jaxattn.nn.layers import COMPUTE_DTYPES, DecoderBlock, dropout, sinusoidal_at, split_keys
 
 __all__ = ["TinyDecoder"]
 
@@ -27,19 +27,28 @@ class TinyDecoder(nnx.Module):
         self.config = config
         self.vocab_size = vocab_size
         d = config.d_model
+        dt = COMPUTE_DTYPES[config.compute_dtype]
         # Embeddings scaled by sqrt(D) at use, so the N(0, 1/D)-initialised table and the
         # unit-scale sinusoids start at comparable sizes (the paper's sec. 3.4).
         self.embed = nnx.Embed(
-            vocab_size, d, embedding_init=nnx.initializers.normal(1.0 / math.sqrt(d)), rngs=rngs
+            vocab_size,
+            d,
+            embedding_init=nnx.initializers.normal(1.0 / math.sqrt(d)),
+            dtype=dt,
+            rngs=rngs,
         )
         if config.positions == "learned":
             self.position_embed = nnx.Embed(
-                config.max_len, d, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
+                config.max_len,
+                d,
+                embedding_init=nnx.initializers.normal(0.02),
+                dtype=dt,
+                rngs=rngs,
             )
         self.blocks = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.final_norm = nnx.LayerNorm(d, rngs=rngs)
+        self.final_norm = nnx.LayerNorm(d, dtype=dt, rngs=rngs)
         if not config.tie_embeddings:
-            self.unembed = nnx.Linear(d, vocab_size, rngs=rngs)
+            self.unembed = nnx.Linear(d, vocab_size, dtype=dt, rngs=rngs)
 
     def __call__(self, tokens, *, key=None, return_attention: bool = False):
         t = tokens.shape[1]
@@ -49,6 +58,11 @@ class TinyDecoder(nnx.Module):
         x = self._embed(tokens, jnp.arange(t), keys[-1])
         weights = []
         for block, k in zip(self.blocks, keys[:-1], strict=False):
+            if self.config.remat and not return_attention:
+                # jax.checkpoint per block: the backward pass recomputes the block's
+                # activations from its input instead of keeping them (memory for FLOPs).
+                x = _remat_block(block, x, k)
+                continue
             x, w = block(x, key=k, return_weights=return_attention)
             weights.append(w)
         logits = self._logits(x)
@@ -60,15 +74,21 @@ class TinyDecoder(nnx.Module):
 
     def init_cache(self, batch_size: int, size: int) -> KVCache:
         """An empty :class:`KVCache` of ``size`` slots (1 <= size <= ``max_len``) for
-        ``batch_size`` sequences: per layer ``2 * B * K * size * H`` float32 numbers, the
-        dtype of the model's keys and values (the kernel takes q, k and v of one dtype)."""
+        ``batch_size`` sequences: per layer ``2 * B * K * size * H`` numbers of
+        ``model.compute_dtype``, the dtype of the keys and values (the kernel takes q, k
+        and v of one dtype)."""
         if not 1 <= size <= self.config.max_len:
             raise ValueError(
                 f"cache size must be in [1, model.max_len={self.config.max_len}], got {size}"
             )
         attention = self.blocks[0].attention
         return KVCache.zeros(
-            len(self.blocks), batch_size, size, attention.num_kv_heads, attention.head_dim
+            len(self.blocks),
+            batch_size,
+            size,
+            attention.num_kv_heads,
+            attention.head_dim,
+            dtype=COMPUTE_DTYPES[self.config.compute_dtype],
         )
 
     def prefill(self, tokens, cache: KVCache, lengths=None):
@@ -119,6 +139,7 @@ class TinyDecoder(nnx.Module):
                 enc = sinusoidal_at(positions, cfg.d_model)
             else:
                 enc = self.position_embed(positions)
+            enc = enc.astype(x.dtype)  # float32 sinusoids must not promote a bfloat16 stream
             x = x + (enc[None] if enc.ndim == 2 else enc)  # [T, D] is every row's
         return dropout(x, cfg.dropout, key)
 
@@ -126,6 +147,11 @@ class TinyDecoder(nnx.Module):
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.config.tie_embeddings else self.unembed(x)
         return logits.astype(jnp.float32)
+
+
+@nnx.remat
+def _remat_block(block: DecoderBlock, x, key):
+    return block(x, key=key)[0]
 
 
 def count_params(model: nnx.Module) -> int:

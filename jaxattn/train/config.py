@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from jaxattn.nn.config import ModelConfig
-from jaxattn.nn.layers import ACTIVATIONS, NORMS, POSITIONS
+from jaxattn.nn.layers import ACTIVATIONS, COMPUTE_DTYPES, NORMS, POSITIONS
 from jaxattn.train.optim import SCHEDULES
 from jaxattn.train.tasks import FIRST_SYMBOL, TASKS, sequence_length
 
@@ -161,6 +161,7 @@ _RULES = {
     "model.norm": _one_of(*NORMS),
     "model.dropout": _UNIT_OPEN,
     "model.attention_dropout": _UNIT_OPEN,
+    "model.compute_dtype": _one_of(*COMPUTE_DTYPES),
     "task.name": _one_of(*TASKS),
     "task.length": _at_least(1),
     "task.vocab_size": _at_least(FIRST_SYMBOL + 1),  # PAD, BOS, SEP and one symbol at least

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -21,7 +22,7 @@ from jaxattn.train.config import load_config
 from jaxattn.train.loop import train
 from jaxattn.train.optim import make_optimizer
 from jaxattn.train.rundir import MARK, RunError
-from jaxattn.train.steps import build_model, make_train_chunk
+from jaxattn.train.steps import build_model, loss_fn, make_train_chunk
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -166,3 +167,88 @@ def test_exact_match_shortcut_equals_real_greedy_decoding(tmp_path):
     slow = make_eval_fn(config, graphdef, decode=True)(params)
     assert 0.0 < float(slow["exact_match"]) < 1.0  # partly trained: the comparison has teeth
     np.testing.assert_array_equal(fast["correct"], slow["correct"])
+
+
+def test_accumulating_k_micro_batches_is_one_update_on_their_union(tmp_path):
+    """optim.accumulate_steps=k on micro-batches of b == one update on the k*b sequences.
+
+    Holds exactly (up to float32 summation order) because every copy sequence has the same
+    number of scored tokens, so the mean of k micro-batch means is the mean over the union.
+    Two updates, so Adam's moments and the schedule's count are compared too. Adam's eps is
+    1 here: with the default 1e-9 its first update is lr * sign(g), and a gradient of 1e-10
+    that float32 summation order flips would flip an update of lr; with eps = 1 the update
+    is close to lr * g, and comparing updates compares the gradients."""
+    k, b = 4, 8
+    overrides = [
+        "optim.schedule=warmup_constant",
+        "optim.warmup_steps=0",
+        "optim.clip_norm=0.5",
+        "optim.eps=1.0",
+    ]
+    accumulating = small_config(
+        tmp_path, f"task.batch_size={b}", f"optim.accumulate_steps={k}", *overrides
+    )
+    whole = small_config(tmp_path, f"task.batch_size={k * b}", *overrides)
+    d_model = whole.model.d_model
+    tx_k = make_optimizer(accumulating.optim, d_model=d_model, total_steps=10)
+    tx_1 = make_optimizer(whole.optim, d_model=d_model, total_steps=10)
+    graphdef, params = nnx.split(build_model(whole), nnx.Param)
+    base_key = tasks.seed_key(0)
+
+    # The trainer's path: 2k micro-steps fused in one call.
+    chunk = make_train_chunk(accumulating, graphdef, tx_k)
+    params_k, state_k, metrics = chunk(
+        jax.tree.map(jnp.copy, params), tx_k.init(params), base_key, 0, 2 * k
+    )
+
+    # By hand: each update on the union of the k micro-batches the trainer drew.
+    def union(update):
+        batches = [
+            tasks.make_batch(whole.task, jax.random.split(jax.random.fold_in(base_key, step))[0], b)
+            for step in range(update * k, (update + 1) * k)
+        ]
+        return tasks.Batch(*(jnp.concatenate(parts) for parts in zip(*batches, strict=True)))
+
+    start, state_1 = params, tx_1.init(params)
+    for update in range(2):
+        batch = union(update)
+        grads = jax.grad(lambda p, batch=batch: loss_fn(p, graphdef, batch, None, 0.1)[0])(params)
+        updates, state_1 = tx_1.update(grads, state_1, params)
+        params = optax.apply_updates(params, updates)
+
+    got = jax.tree.leaves(jax.tree.map(jnp.subtract, params_k, start))
+    expected = jax.tree.leaves(jax.tree.map(jnp.subtract, params, start))
+    # One scale for all: some gradients are 0 in exact arithmetic (the key projection's bias:
+    # softmax ignores a shift shared by a whole row) and float32 noise of 1e-13 in practice.
+    scale = max(float(jnp.abs(e).max()) for e in expected)
+    assert scale > 1e-4
+    for a, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-4 * scale)
+    # optax.MultiSteps keeps the plain optimizer's state: chain(clip, adamw) -> adam's state.
+    adam_k, adam_1 = state_k.inner_opt_state[1][0], state_1[1][0]
+    assert int(adam_k.count) == int(adam_1.count) == 2
+    for moment in ("mu", "nu"):
+        got, expected = getattr(adam_k, moment), getattr(adam_1, moment)
+        # One scale per moment, for the same reason.
+        scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(expected))
+        for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-4 * scale)
+    assert np.isfinite(metrics["loss"]).all()
+
+
+def test_mixed_precision_and_remat_train_the_tiny_config_to_its_target(tmp_path):
+    """bfloat16 compute (float32 parameters, softmax and loss) with remat on every block."""
+    config = small_config(
+        tmp_path,
+        "model.compute_dtype=bfloat16",
+        "model.remat=true",
+        "task.eval_size=1000",
+        "train.steps=600",
+    )
+    result = train(config, log=lambda _: None)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["reached_target"] is True and summary["exact_match"] == 1.0
+    model, loaded = load_run(result.run_dir)
+    assert loaded.model.compute_dtype == "bfloat16"
+    params = nnx.state(model, nnx.Param)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
