@@ -137,9 +137,28 @@ class Checkpoints:
             # in the background while training goes on (wait() joins it).
             enable_async_checkpointing=not read_only,
             cleanup_tmp_directories=False,  # done here, synchronously (_remove_temporaries)
-            create=not read_only,
+            create=not read_only and jax.process_count() == 1,
+            **self._one_process(read_only),
             read_only=read_only,
         )
+
+    def _one_process(self, read_only: bool) -> dict:
+        """Options of a multi-process run: one process writes and reads a run's
+        checkpoints (process 0, the arrays gathered whole first), so no barrier waits for
+        the others. Orbax then leaves creating the directory to us."""
+        if jax.process_count() == 1:
+            return {}
+        if not read_only:
+            try:
+                self.directory.mkdir(exist_ok=True)
+            except OSError as err:
+                raise RunError.writing(self.directory, err) from None
+        me = jax.process_index()
+        return {
+            "multiprocessing_options": self._ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}
+            )
+        }
 
     def close(self) -> None:
         """Wait for a pending save (RunError if it failed), then close the manager."""

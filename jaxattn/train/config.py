@@ -74,6 +74,9 @@ class MeshConfig:
     data: int = -1  # devices the batch is split over (-1: all the others leave)
     fsdp: int = 1  # devices the batch and the weights' model width are split over
     tensor: int = 1  # devices the heads, the feed-forward width and the vocabulary are split over
+    coordinator: str | None = None  # host:port of process 0 (None: JAX_COORDINATOR_ADDRESS)
+    num_processes: int | None = None  # processes of the run (None: JAX_NUM_PROCESSES)
+    process_id: int | None = None  # this process's index (None: JAX_PROCESS_ID)
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,12 @@ _RULES = {
     "mesh.data": _MESH_AXIS,
     "mesh.fsdp": _MESH_AXIS,
     "mesh.tensor": _MESH_AXIS,
+    "mesh.coordinator": (
+        lambda v: bool(re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", v)),
+        "host:port, e.g. 10.0.0.1:1234",
+    ),
+    "mesh.num_processes": _at_least(1),
+    "mesh.process_id": _at_least(0),
     "optim.learning_rate": _POSITIVE,
     "optim.schedule": _one_of(*SCHEDULES),
     "optim.warmup_steps": _at_least(0),
@@ -210,6 +219,16 @@ def _cross_field_errors(config: Config):
         yield (
             f"model.num_heads must be divisible by model.num_kv_heads; "
             f"got num_heads={m.num_heads}, num_kv_heads={m.num_kv_heads}"
+        )
+    mesh = config.mesh
+    if (
+        mesh.num_processes is not None
+        and mesh.process_id is not None
+        and mesh.process_id >= mesh.num_processes
+    ):
+        yield (
+            f"mesh.process_id must be below mesh.num_processes; got process_id="
+            f"{mesh.process_id}, num_processes={mesh.num_processes}"
         )
     o, tr = config.optim, config.train
     if o.accumulate_steps > tr.steps:

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxattn.train import sharding, tasks
+from jaxattn.train import distributed, sharding, tasks
 from jaxattn.train.checkpoints import Checkpoints, model_spec, spec_fingerprint
 from jaxattn.train.config import (
     Config,
@@ -61,6 +61,9 @@ _RESUMABLE_DIFFERENCES = (
     "mesh.data",  # the mesh may change: the same steps, sharded otherwise
     "mesh.fsdp",
     "mesh.tensor",
+    "mesh.coordinator",  # which processes run it: the same steps on the devices they have
+    "mesh.num_processes",
+    "mesh.process_id",
 )
 _PER_STEP = ("loss", "accuracy", "lr", "nonfinite")  # per-step values kept until an evaluation
 
@@ -205,6 +208,15 @@ def train(
       TrainingInterrupted: SIGINT or SIGTERM; the checkpoint of the step reached is saved.
     """
     start = time.perf_counter()
+    # Before JAX touches a device: after it, jax.devices() lists every process's devices.
+    if distributed.initialize(config.mesh):
+        if resume:
+            raise RunError(
+                "--resume of a run over several processes is not supported: resume it on "
+                "one host (its checkpoints hold whole arrays, any mesh loads them)"
+            )
+        if not distributed.is_writer():  # process 0 writes the run; the others follow it
+            return _follow(config, start, log)
     optimizer = make_optimizer(
         config.optim, d_model=config.model.d_model, total_steps=updates(config)
     )
@@ -239,6 +251,37 @@ def train(
                 result, missing = session.finish(log), True
     if config.train.pictures and missing:  # after the timed run, matplotlib imported only here
         _draw_pictures(result.run_dir, log)
+    return result
+
+
+def _follow(config: Config, start: float, log) -> TrainResult:
+    """A process other than 0 of a multi-process run: the same steps, collectives and
+    evaluations as process 0, in a scratch directory it deletes; it saves no checkpoint
+    (it joins the gathering of each one) and draws nothing."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="jaxattn-follower-") as scratch:
+        scratch_config = dataclasses.replace(
+            config,
+            train=dataclasses.replace(
+                config.train, run_dir=str(Path(scratch) / "run"), progress=False, pictures=False
+            ),
+        )
+        optimizer = make_optimizer(
+            config.optim, d_model=config.model.d_model, total_steps=updates(config)
+        )
+        mesh = _mesh(config)
+        with (
+            _StopSignals() as stop,
+            open_run_dir(run_dir_for(scratch_config)) as run,
+            Checkpoints(run.checkpoints, keep=1) as ckpts,
+        ):
+            graphdef, params, opt_state = init_state(config, optimizer, mesh)
+            session = _Session(scratch_config, run, ckpts, stop, start, writer=False)
+            session.train(params, opt_state, graphdef, optimizer, mesh)
+            result = session.finish(lambda _: None)
+    result = dataclasses.replace(result, run_dir=run_dir_for(config))
+    log(f"process {jax.process_index()} of {jax.process_count()}: done; process 0 wrote the run")
     return result
 
 
@@ -296,8 +339,18 @@ class _Session:
     """One session of a run: restore, chunks, evaluations, checkpoints, until done or
     stopped."""
 
-    def __init__(self, config: Config, run: RunDir, ckpts: Checkpoints, stop, start: float):
+    def __init__(
+        self,
+        config: Config,
+        run: RunDir,
+        ckpts: Checkpoints,
+        stop,
+        start: float,
+        *,
+        writer: bool = True,
+    ):
         self.config, self.run_dir, self.ckpts, self.stop = config, run.path, ckpts, stop
+        self.writer = writer  # False: a follower process, which saves no checkpoint
         self.start = start  # this session's clock
         self.spec = model_spec(config)
         self.progress = _Progress()
@@ -465,7 +518,10 @@ class _Session:
             "fingerprint": spec_fingerprint(self.spec),
             "progress": {**dataclasses.asdict(progress), "seconds": self._seconds()},
         }
-        self.ckpts.save(progress.step, nnx.to_pure_dict(params), opt_state, meta, best_metrics)
+        # Several processes: each array whole on every process first (all must join).
+        params, opt_state = distributed.gather((params, opt_state))
+        if self.writer:
+            self.ckpts.save(progress.step, nnx.to_pure_dict(params), opt_state, meta, best_metrics)
         self.saved_step = progress.step
 
     def _seconds(self) -> float:

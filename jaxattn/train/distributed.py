@@ -1,0 +1,85 @@
+"""Many hosts: one training run over the devices of several processes (``jax.distributed``).
+
+Every process runs the same ``train.py`` command; JAX's coordinator joins them, after which
+``jax.devices()`` lists the devices of all of them and the mesh
+(:mod:`jaxattn.train.sharding`) spans them: each process computes the shards of its own
+devices, collectives cross processes (gloo on CPU, NCCL on GPU). Nothing here is a loop of
+ours: it is ``jax.distributed.initialize`` and what the trainer does around it.
+
+Process 0 owns the run directory: it writes the config, metrics, summary, checkpoints and
+pictures. The others train in step with it and write nothing of the run; each checkpoint is
+gathered whole onto every process first (a collective all must join), so a multi-host
+run's checkpoints are those of a one-host run and load anywhere (a model must then fit one
+host's memory).
+
+The coordinator is named by ``mesh.coordinator`` (``host:port`` of process 0, reachable by
+all) or the environment variable ``JAX_COORDINATOR_ADDRESS``; the number of processes and
+this process's index by ``mesh.num_processes`` / ``mesh.process_id`` or ``JAX_NUM_PROCESSES``
+/ ``JAX_PROCESS_ID``, and where none is given JAX detects them on the clusters it knows
+(SLURM, Open MPI, Kubernetes, Cloud TPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from jaxattn.train.rundir import RunError
+
+__all__ = ["initialize", "is_writer"]
+
+
+def _setting(value, variable: str, convert=str):
+    if value is not None:
+        return value
+    raw = os.environ.get(variable)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return convert(raw.strip())
+    except ValueError:
+        raise RunError(f"environment variable {variable}={raw!r} is not an int") from None
+
+
+def initialize(mesh) -> bool:
+    """Join the processes named by ``mesh`` (a ``MeshConfig``) or the environment; a no-op
+    when no coordinator is named, or when this process has joined already. Returns whether
+    the run spans several processes.
+
+    Raises RunError (one line) when JAX cannot join them (JAX already started on its own
+    devices, a coordinator that does not answer within 5 minutes, settings JAX refuses).
+    """
+    coordinator = _setting(mesh.coordinator, "JAX_COORDINATOR_ADDRESS")
+    if coordinator is None:
+        return jax.process_count() > 1
+    num_processes = _setting(mesh.num_processes, "JAX_NUM_PROCESSES", int)
+    process_id = _setting(mesh.process_id, "JAX_PROCESS_ID", int)
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
+    except Exception as err:  # JAX raises RuntimeError, ValueError, TypeError, XlaRuntimeError
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunError(
+            f"cannot join the processes of coordinator {coordinator} (num_processes="
+            f"{num_processes}, process_id={process_id}): {reason}"
+        ) from None
+    return jax.process_count() > 1
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run directory: process 0 (the only one on one host)."""
+    return jax.process_index() == 0
+
+
+def gather(tree):
+    """Every array of ``tree`` whole, as NumPy, on every process (a collective: every
+    process must call it at the same point). The identity on one process."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

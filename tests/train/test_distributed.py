@@ -1,0 +1,153 @@
+"""Many hosts (jax.distributed), for real on this machine: two processes on 127.0.0.1, each
+with 2 forced CPU devices, train on one 4-device mesh and get the losses of one process with
+4 devices; process 0 writes the run, which loads on one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxattn.train import load_run
+from jaxattn.train.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+SMALL = [
+    "train.progress=false",
+    "train.pictures=false",
+    "train.steps=20",
+    "train.eval_every=10",
+    "train.steps_per_call=10",
+    "task.eval_size=64",
+    "model.num_layers=1",  # compiles faster; nothing here depends on depth
+    "mesh.data=2",
+    "mesh.fsdp=2",  # batch over all 4 devices, weights split across the two processes
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_py(devices: int, *overrides: str, env=None) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(TINY), *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def _step_losses(run: Path) -> np.ndarray:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return np.concatenate([json.loads(line)["step_losses"] for line in lines])
+
+
+def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
+    port = _free_port()
+    several, one = tmp_path / "two_hosts", tmp_path / "one_host"
+    procs = [
+        _train_py(
+            2,
+            *SMALL,
+            f"train.run_dir={several}",
+            f"mesh.coordinator=127.0.0.1:{port}",
+            "mesh.num_processes=2",
+            f"mesh.process_id={i}",
+        )
+        for i in (0, 1)
+    ]
+    results = [_finish(p) for p in procs]
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert "process 1 of 2: done" in results[1][1]
+    reference = _finish(_train_py(4, *SMALL, f"train.run_dir={one}"))
+    assert reference[0] == 0, reference[2][-3000:]
+
+    # Collectives over gloo add in another order than within one process: float32 rounding.
+    got, expected = _step_losses(several), _step_losses(one)
+    assert got.shape == expected.shape == (20,)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (several, one)]
+    assert summaries[0]["exact_match"] == summaries[1]["exact_match"]
+
+    # Process 0 wrote the run (its checkpoints hold whole arrays); process 1 wrote nothing
+    # there, and its scratch directory is gone.
+    assert sorted(p.name for p in (several / "checkpoints").iterdir()) == ["10", "20"]
+    model, config = load_run(several)  # this process: one device
+    assert config.mesh.num_processes == 2
+    assert model.embed.embedding[...].shape == (16, 64)
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("jaxattn-follower-*/run"))
+
+
+def test_resume_over_several_processes_is_refused_in_one_line(tmp_path):
+    port = _free_port()
+    args = [*SMALL, f"train.run_dir={tmp_path / 'run'}", f"mesh.coordinator=127.0.0.1:{port}"]
+    procs = [
+        _train_py(2, *args, "--resume", env={"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+        for i in (0, 1)
+    ]
+    for code, _, err in map(_finish, procs):
+        assert code == 2, err[-2000:]
+        assert "--resume of a run over several processes is not supported" in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_process_count_in_the_environment_is_one_line(tmp_path):
+    code, _, err = _finish(
+        _train_py(
+            1,
+            f"train.run_dir={tmp_path / 'run'}",
+            env={"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two"},
+        )
+    )
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "train.py: environment variable JAX_NUM_PROCESSES='two' is not an int"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("mesh.coordinator=localhost", "mesh.coordinator must be host:port"),
+        ("mesh.num_processes=0", "mesh.num_processes must be >= 1"),
+        ("mesh.process_id=-1", "mesh.process_id must be >= 0"),
+    ],
+)
+def test_bad_process_settings_are_config_errors(override, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(TINY, [override])
+
+
+def test_a_process_id_beyond_the_process_count_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"mesh\.process_id must be below mesh\.num_processes"):
+        load_config(TINY, ["mesh.num_processes=2", "mesh.process_id=2"])
