@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxattn.attention import dot_product_attention
 from jaxattn.nn.cache import LayerCache
@@ -25,6 +26,12 @@ NORMS = ("pre", "post")  # model.norm: LayerNorm before or after each residual b
 # optimizer updates them there); each layer casts them to this dtype at use. LayerNorm
 # statistics, attention logits and softmax, and the logits and loss are float32 whatever it is.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# The mesh axes (jaxattn.train.sharding) a sequence batch is split over, and the heads. Under
+# a mesh with these names (``jax.set_mesh``), attention runs once per shard: each device
+# attends its own sequences and heads, which needs nothing from the others.
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
 
 
 def dropout(x, rate: float, key):
@@ -118,15 +125,22 @@ class MultiHeadAttention(nnx.Module):
     def __call__(self, x, *, key=None, return_weights: bool = False):
         """``x [B, T, D]`` -> ``[B, T, D]`` (and weights ``[B, N, T, T]`` if asked)."""
         q, k, v = self._project(x, jnp.arange(x.shape[1]))
-        drop = {}
-        if key is not None and self.attention_dropout > 0.0:
-            drop = {"dropout_rate": self.attention_dropout, "dropout_key": key}
-        result = dot_product_attention(
-            q, k, v, is_causal=True, return_weights=return_weights, **drop
-        )
-        out, weights = result if return_weights else (result, None)
-        out = self._merge_heads(out)
-        return (out, weights) if return_weights else out
+        rate = self.attention_dropout if key is not None else 0.0
+        if return_weights:  # the pictures: on the whole arrays
+            drop = {"dropout_rate": rate, "dropout_key": key} if rate > 0.0 else {}
+            out, weights = dot_product_attention(
+                q, k, v, is_causal=True, return_weights=True, **drop
+            )
+            return self._merge_heads(out), weights
+
+        def attend(q, k, v, key, shard):
+            drop = {}
+            if rate > 0.0:  # each shard its own dropout draws
+                drop = {"dropout_rate": rate, "dropout_key": jax.random.fold_in(key, shard)}
+            return dot_product_attention(q, k, v, is_causal=True, **drop)
+
+        out = per_shard(attend, q, k, v, key if rate > 0.0 else None)
+        return self._merge_heads(out)
 
     def prefill(self, x, cache: LayerCache):
         """Attention of prompts ``x [B, P, D]`` over themselves, their keys and values written
@@ -166,6 +180,46 @@ class MultiHeadAttention(nnx.Module):
             q, keys.swapaxes(1, 2), values.swapaxes(1, 2), mask=visible[:, None, None, :]
         )
         return self._merge_heads(out), LayerCache(keys, values)
+
+
+def per_shard(attend, q, k, v, key):
+    """``attend(q, k, v, key, shard)`` on ``q [B, T, N, H]``, ``k, v [B, S, K, H]``: once on
+    the whole arrays (``shard`` 0), or, under a mesh with the axes :data:`BATCH_AXES` and
+    :data:`HEAD_AXIS` (``jax.set_mesh``), once per device on its shard (``jax.shard_map``):
+    B split over the batch axes (as the trainer splits every batch), N and K over the head
+    axis where they divide (else heads stay whole on each device).
+
+    Attention mixes nothing across sequences or heads, so no shard needs another's data:
+    left to the partitioner, the blockwise kernel's loops (dynamic slices along B) made XLA
+    gather the whole batch onto every device. ``shard`` (the device's index in the mesh, a
+    traced int) lets dropout draw differently on each shard. With K = 1 (multi-query) the
+    keys and values go whole to every head shard.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    names = set(getattr(mesh, "axis_names", ()))
+    if mesh.empty or not names >= {*BATCH_AXES, HEAD_AXIS}:
+        return attend(q, k, v, key, 0)
+    # Every axis named, those of size 1 too: the transpose of shard_map sums the gradients
+    # of an input over the axes its spec leaves out (an all-reduce, even over one device).
+    if mesh.size == 1 or q.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+        return attend(q, k, v, key, 0)  # nothing to split, or a batch the mesh cannot split
+    split = mesh.shape[HEAD_AXIS]
+    heads = kv_heads = None
+    if q.shape[2] % split == 0:
+        if k.shape[2] % split == 0:
+            heads = kv_heads = HEAD_AXIS
+        elif k.shape[2] == 1:  # multi-query: the one key head goes to every head shard
+            heads = HEAD_AXIS
+    q_spec = P(BATCH_AXES, None, heads, None)
+    kv_spec = P(BATCH_AXES, None, kv_heads, None)
+    axes = (*BATCH_AXES, *([HEAD_AXIS] if heads else []))
+
+    def local(q, k, v, key):
+        return attend(q, k, v, key, jax.lax.axis_index(axes))
+
+    return jax.shard_map(
+        local, in_specs=(q_spec, kv_spec, kv_spec, P()), out_specs=q_spec, check_vma=False
+    )(q, k, v, key)
 
 
 def _write(cache, x):

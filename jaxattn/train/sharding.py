@@ -23,6 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxattn.nn.layers import BATCH_AXES, HEAD_AXIS
+
 __all__ = [
     "AXES",
     "BATCH",
@@ -35,8 +37,8 @@ __all__ = [
     "shardings_of",
 ]
 
-AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")  # the mesh axes a batch's first dimension is split over
+AXES = (*BATCH_AXES, HEAD_AXIS)  # ("data", "fsdp", "tensor"), named where attention reads them
+BATCH = BATCH_AXES  # the mesh axes a batch's first dimension is split over
 
 # (module name, leaf name) -> the mesh axis of each dim of that leaf. Kernels are [in, out].
 _RULES = {
@@ -55,6 +57,19 @@ _RULES = {
     ("unembed", "kernel"): ("fsdp", "tensor"),  # [D, V]
     ("unembed", "bias"): ("tensor",),
 }  # everything else (LayerNorm scales and biases, output biases, counters): replicated
+
+# The dim of each attention weight that holds heads (N*H or K*H, head-major): split over
+# tensor only in whole heads, as attention runs per head shard (a key/value projection of
+# K = 1 head, multi-query, stays whole: a split inside a head would be gathered back).
+_HEAD_DIMS = {
+    ("q_proj", "kernel"): 1,
+    ("k_proj", "kernel"): 1,
+    ("v_proj", "kernel"): 1,
+    ("q_proj", "bias"): 0,
+    ("k_proj", "bias"): 0,
+    ("v_proj", "bias"): 0,
+    ("out_proj", "kernel"): 0,
+}
 
 
 class MeshError(ValueError):
@@ -103,24 +118,27 @@ def _names(path) -> list[str]:
     return names
 
 
-def param_spec(path, shape, mesh: Mesh) -> P:
-    """The PartitionSpec of the parameter (or its optimizer moment) at pytree ``path``."""
+def param_spec(path, shape, mesh: Mesh, head_dim: int = 1) -> P:
+    """The PartitionSpec of the parameter (or its optimizer moment) at pytree ``path``;
+    ``head_dim`` (H) keeps the attention weights' head dims split in whole heads."""
     names = _names(path)
-    axes = _RULES.get(tuple(names[-2:]), ()) if len(names) >= 2 else ()
+    key = tuple(names[-2:]) if len(names) >= 2 else ()
+    axes = _RULES.get(key, ())
     if len(axes) != len(shape):
         return P()
-    spec = [
-        axis if axis is not None and dim % mesh.shape[axis] == 0 else None
-        for axis, dim in zip(axes, shape, strict=True)
-    ]
+    spec = []
+    for i, (axis, dim) in enumerate(zip(axes, shape, strict=True)):
+        unit = head_dim if _HEAD_DIMS.get(key) == i else 1
+        spec.append(axis if axis is not None and dim % (unit * mesh.shape[axis]) == 0 else None)
     return P(*spec)
 
 
-def shardings_of(tree, mesh: Mesh):
+def shardings_of(tree, mesh: Mesh, head_dim: int = 1):
     """A NamedSharding for every leaf of ``tree`` (parameters, or an optimizer state that
     mirrors them: Adam's moments have the parameters' paths under ``mu`` / ``nu``)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, param_spec(path, np.shape(leaf), mesh)), tree
+        lambda path, leaf: NamedSharding(mesh, param_spec(path, np.shape(leaf), mesh, head_dim)),
+        tree,
     )
 
 

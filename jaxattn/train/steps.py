@@ -70,6 +70,13 @@ def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransfor
     skip_nonfinite = config.train.on_nonfinite == "skip"
 
     def chunk(params, opt_state, base_key, start_step, n):
+        if mesh is None:
+            return steps(params, opt_state, base_key, start_step, n)
+        # The mesh in context: attention runs per shard (jaxattn.nn.layers.per_shard).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return steps(params, opt_state, base_key, start_step, n)
+
+    def steps(params, opt_state, base_key, start_step, n):
         def one_step(carry, step):
             params, opt_state = carry
             batch_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, step))
@@ -161,7 +168,11 @@ def state_shardings(config: Config, optimizer: optax.GradientTransformation, mes
     :mod:`jaxattn.train.sharding`'s rules (shapes only: nothing is computed)."""
     _, params = abstract_model(config)
     opt_state = jax.eval_shape(optimizer.init, params)
-    return sharding.shardings_of(params, mesh), sharding.shardings_of(opt_state, mesh)
+    head_dim = config.model.d_model // config.model.num_heads
+    return (
+        sharding.shardings_of(params, mesh, head_dim),
+        sharding.shardings_of(opt_state, mesh, head_dim),
+    )
 
 
 def init_state(config: Config, optimizer: optax.GradientTransformation, mesh=None):

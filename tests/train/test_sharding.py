@@ -78,11 +78,16 @@ SHARDED = textwrap.dedent(
     from jaxattn.train import sharding, tasks
     from jaxattn.train.config import load_config
     from jaxattn.train.optim import make_optimizer
-    from jaxattn.train.steps import init_state, make_train_chunk, updates
+    from jaxattn.train.steps import init_state, make_eval_fn, make_train_chunk, updates
+    import jax
+    from flax import nnx
+    from jaxattn.nn import decoding
+
 
     config = load_config(sys.argv[1], ["train.steps=20", "model.num_layers=1"])
     optimizer = make_optimizer(config.optim, d_model=64, total_steps=updates(config))
     key = tasks.seed_key(0)
+    prompts = np.asarray(tasks.eval_batch(config.task).inputs[:16, :12])  # BOS x1..x10 SEP
     out = {}
     for name, sizes in [("one", None), ("data=4", (4, 1, 1)), ("fsdp=4", (1, 4, 1)),
                         ("data=2 x tensor=2", (2, 1, 2))]:
@@ -99,6 +104,16 @@ SHARDED = textwrap.dedent(
             "q_shard": list(q.addressable_shards[0].data.shape),
             "up_mu_shard": list(up_mu.addressable_shards[0].data.shape),
         }
+        # Evaluation and cached generation on the sharded parameters, as they are.
+        evaluation = make_eval_fn(config, graphdef)(params)
+        generated = decoding.decode(
+            graphdef, params, prompts, np.full(16, 12, np.int32), None, max_new_tokens=10
+        )
+        logits, _ = jax.jit(lambda p: nnx.merge(graphdef, p).prefill(
+            prompts, nnx.merge(graphdef, p).init_cache(16, 22)))(params)
+        out[name]["eval_loss"] = float(evaluation["eval_loss"])
+        out[name]["generated"] = np.asarray(generated).tolist()
+        out[name]["prefill_logits"] = np.asarray(logits).tolist()
     print(json.dumps(out))
     """
 )
@@ -126,6 +141,11 @@ def test_20_steps_on_three_meshes_give_the_losses_of_one_device_with_the_rules_s
         # Sharded reductions add in another order: float32 rounding, nothing more.
         np.testing.assert_allclose(out[name]["loss"], one, rtol=1e-5, atol=1e-5)
         assert out[name]["devices"] == 4
+        np.testing.assert_allclose(out[name]["eval_loss"], out["one"]["eval_loss"], rtol=1e-5)
+        np.testing.assert_allclose(
+            out[name]["prefill_logits"], out["one"]["prefill_logits"], rtol=1e-4, atol=1e-5
+        )
+        assert out[name]["generated"] == out["one"]["generated"]
     # q_proj [64, 64] and Adam's mu of up [64, 256]: whole on data=4, the model width split
     # 4 ways on fsdp=4, the heads / hidden width split 2 ways on tensor=2.
     assert out["data=4"]["q_shard"] == [64, 64]
@@ -172,3 +192,83 @@ def test_a_run_on_4_devices_resumes_on_2_and_loads_on_1(tmp_path):
     model, config = load_run(run)  # this process: one device
     assert config.mesh.data == 2
     assert len(model.embed.embedding[...].sharding.device_set) == 1
+
+
+PER_SHARD = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import jaxattn as ja
+    from jaxattn.nn.layers import per_shard
+    from jaxattn.train.sharding import make_mesh
+
+    COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+    out = {}
+    cases = [((2, 1, 2), impl, kv) for impl in ("xla", "flash") for kv in (4, 2, 1)]
+    for sizes, impl, kv in [*cases, ((1, 1, 4), "flash", 1)]:
+        mesh = make_mesh(*sizes)
+        t = 160 if impl == "flash" else 16  # flash: T * S >= 128 * 128
+        keys = jax.random.split(jax.random.key(0), 3)
+        q = jax.random.normal(keys[0], (8, t, 4, 16))
+        k, v = (jax.random.normal(x, (8, t, kv, 16)) for x in keys[1:])
+        heads = "tensor" if kv % sizes[2] == 0 else None
+        q_sh = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+        kv_sh = NamedSharding(mesh, P(("data", "fsdp"), None, heads, None))
+        args = (jax.device_put(q, q_sh), *(jax.device_put(x, kv_sh) for x in (k, v)))
+
+        def attend(q, k, v, key, shard, impl=impl):
+            return ja.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+        def sharded(q, k, v, mesh=mesh, attend=attend):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return per_shard(attend, q, k, v, None)
+
+        def plain(q, k, v, attend=attend):
+            return attend(q, k, v, None, 0)
+
+        def grads(f):
+            return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
+
+        def collectives(f):
+            hlo = jax.jit(f).lower(*args).compile().as_text()
+            hlo += grads(f).lower(*args).compile().as_text()
+            return {c: hlo.count(c + "(") for c in COLLECTIVES}
+
+        row = {
+            "collectives": collectives(sharded),
+            "kv_split": heads is not None or sizes[2] == 1,
+            "out": np.asarray(jax.jit(sharded)(*args)).tolist(),
+            "spec": [list(a) if isinstance(a, tuple) else a
+                     for a in jax.jit(sharded)(*args).sharding.spec],
+            "grads": [np.asarray(g).tolist() for g in grads(sharded)(*args)],
+            # The reference: the same kernel on one device.
+            "expected": np.asarray(jax.jit(plain)(q, k, v)).tolist(),
+            "expected_grads": [np.asarray(g).tolist() for g in grads(plain)(q, k, v)],
+        }
+        if (sizes, impl, kv) == ((2, 1, 2), "flash", 4):
+            row["plain_collectives"] = collectives(plain)
+        out[f"{sizes}-{impl}-{kv}"] = row
+    print(json.dumps(out))
+    """
+)
+
+
+def test_attention_runs_per_shard_without_gathering_its_inputs():
+    """Batch (data, fsdp) and heads (tensor) split across 4 devices: per_shard runs the
+    kernel on each device's sequences and heads, forward and backward, with no collective at
+    all; left to the partitioner, the blockwise kernel gathers the batch (why per_shard
+    exists)."""
+    out = json.loads(_python(PER_SHARD, 4))
+    assert len(out) == 7
+    for case, row in out.items():
+        moved = row["collectives"]
+        assert moved["all-gather"] == moved["all-to-all"] == moved["collective-permute"] == 0
+        # Keys and values whole on every head shard (K = 1 < tensor): their gradients are
+        # summed over the head shards, the one collective there is.
+        assert moved["all-reduce"] == (0 if row["kv_split"] else 1), case
+        np.testing.assert_allclose(row["out"], row["expected"], rtol=1e-5, atol=1e-6)
+        for got, expected in zip(row["grads"], row["expected_grads"], strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        assert row["spec"] == [["data", "fsdp"], None, "tensor", None], case
+    assert out["(2, 1, 2)-flash-4"]["plain_collectives"]["all-gather"] > 0
