@@ -136,7 +136,8 @@ class MultiHeadAttention(nnx.Module):
         def attend(q, k, v, key, shard):
             drop = {}
             if rate > 0.0:  # each shard its own dropout draws
-                drop = {"dropout_rate": rate, "dropout_key": jax.random.fold_in(key, shard)}
+                key = key if shard is None else jax.random.fold_in(key, shard)
+                drop = {"dropout_rate": rate, "dropout_key": key}
             return dot_product_attention(q, k, v, is_causal=True, **drop)
 
         out = per_shard(attend, q, k, v, key if rate > 0.0 else None)
@@ -184,7 +185,7 @@ class MultiHeadAttention(nnx.Module):
 
 def per_shard(attend, q, k, v, key):
     """``attend(q, k, v, key, shard)`` on ``q [B, T, N, H]``, ``k, v [B, S, K, H]``: once on
-    the whole arrays (``shard`` 0), or, under a mesh with the axes :data:`BATCH_AXES` and
+    the whole arrays (``shard`` None), or, under a mesh with the axes :data:`BATCH_AXES` and
     :data:`HEAD_AXIS` (``jax.set_mesh``), once per device on its shard (``jax.shard_map``):
     B split over the batch axes (as the trainer splits every batch), N and K over the head
     axis where they divide (else heads stay whole on each device).
@@ -198,11 +199,11 @@ def per_shard(attend, q, k, v, key):
     mesh = jax.sharding.get_abstract_mesh()
     names = set(getattr(mesh, "axis_names", ()))
     if mesh.empty or not names >= {*BATCH_AXES, HEAD_AXIS}:
-        return attend(q, k, v, key, 0)
+        return attend(q, k, v, key, None)
     # Every axis named, those of size 1 too: the transpose of shard_map sums the gradients
     # of an input over the axes its spec leaves out (an all-reduce, even over one device).
     if mesh.size == 1 or q.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
-        return attend(q, k, v, key, 0)  # nothing to split, or a batch the mesh cannot split
+        return attend(q, k, v, key, None)  # nothing to split, or a batch the mesh cannot split
     split = mesh.shape[HEAD_AXIS]
     heads = kv_heads = None
     if q.shape[2] % split == 0:

@@ -205,8 +205,9 @@ PER_SHARD = textwrap.dedent(
 
     COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
     out = {}
-    cases = [((2, 1, 2), impl, kv) for impl in ("xla", "flash") for kv in (4, 2, 1)]
-    for sizes, impl, kv in [*cases, ((1, 1, 4), "flash", 1)]:
+    cases = [((2, 1, 2), "flash", 4), ((2, 1, 2), "flash", 1), ((2, 1, 2), "xla", 2),
+             ((1, 1, 4), "flash", 1)]
+    for sizes, impl, kv in cases:
         mesh = make_mesh(*sizes)
         t = 160 if impl == "flash" else 16  # flash: T * S >= 128 * 128
         keys = jax.random.split(jax.random.key(0), 3)
@@ -225,7 +226,7 @@ PER_SHARD = textwrap.dedent(
                 return per_shard(attend, q, k, v, None)
 
         def plain(q, k, v, attend=attend):
-            return attend(q, k, v, None, 0)
+            return attend(q, k, v, None, None)
 
         def grads(f):
             return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
@@ -260,7 +261,7 @@ def test_attention_runs_per_shard_without_gathering_its_inputs():
     all; left to the partitioner, the blockwise kernel gathers the batch (why per_shard
     exists)."""
     out = json.loads(_python(PER_SHARD, 4))
-    assert len(out) == 7
+    assert len(out) == 4
     for case, row in out.items():
         moved = row["collectives"]
         assert moved["all-gather"] == moved["all-to-all"] == moved["collective-permute"] == 0
