@@ -17,12 +17,20 @@ import shlex
 import signal
 import sys
 
+# Overrides that make a run span several processes: a resume runs on one host.
+_PROCESSES = ("mesh.coordinator=", "mesh.num_processes=", "mesh.process_id=")
 
-def _resume_command(argv: list[str]) -> str:
-    """The command line that continues this run, as the user started it (same directory)."""
+
+def _resume_command(argv: list[str], several: bool = False) -> str:
+    """The command line that continues this run, as the user started it (same directory);
+    for a run over several processes, on one host (its checkpoints hold whole arrays)."""
     script = sys.argv[0] if sys.argv[0].endswith("train.py") else "train.py"
     args = [a for a in argv if a not in ("--resume", "--overwrite")]
-    return shlex.join(["python", script, *args, "--resume"])
+    if several:
+        args = [a for a in args if not a.startswith(_PROCESSES)]
+        args += ["mesh.coordinator=null", "mesh.num_processes=null", "mesh.process_id=null"]
+    command = shlex.join(["python", script, *args, "--resume"])
+    return f"{command} (on one host, JAX_COORDINATOR_ADDRESS unset)" if several else command
 
 
 def main(argv=None) -> int:
@@ -65,7 +73,13 @@ def main(argv=None) -> int:
             silence_for_exit()
             return 2
         except TrainingInterrupted as stop:
-            print(f"train.py: {stop}; resume with: {_resume_command(argv)}", file=sys.stderr)
+            import jax
+
+            several = jax.process_count() > 1
+            print(
+                f"train.py: {stop}; resume with: {_resume_command(argv, several)}",
+                file=sys.stderr,
+            )
             return 128 + stop.signum
         print(f"run directory: {result.run_dir}")
     except KeyboardInterrupt:  # outside training's handlers: before it, or once it is done

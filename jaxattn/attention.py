@@ -526,10 +526,11 @@ def _attention(
         )
         if impl == "cudnn" and why is not None:
             raise ValueError(f"implementation='cudnn' cannot serve this call: it {why}")
-        # cuDNN's backward pass needs even T and S (its forward takes any): the dispatcher
-        # cannot know whether the call will be differentiated, so odd lengths stay here.
-        # Seen on an H200 (jax 0.11.2): "Unsupported sequence length Q 21, KV 21" at the
-        # first training step of tiny.yaml in bfloat16. An explicit "cudnn" still goes.
+        # cuDNN's backward pass refused odd T and S: "Unsupported sequence length Q 21, KV
+        # 21" at the first training step of tiny.yaml in bfloat16 (causal, no bias), on an
+        # H200 with jax 0.11.2 (jax's own check names only the with-bias case). Its forward
+        # takes them, but the dispatcher cannot know whether the call will be
+        # differentiated, so odd lengths stay here. An explicit "cudnn" still goes.
         if why is None and (impl == "cudnn" or (t % 2 == 0 and s % 2 == 0)):
             impl = "cudnn"
     if impl is None:

@@ -24,7 +24,8 @@ ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}  # model.activation -> 
 NORMS = ("pre", "post")  # model.norm: LayerNorm before or after each residual branch
 # model.compute_dtype -> the dtype of matmuls and activations. Parameters stay float32 (the
 # optimizer updates them there); each layer casts them to this dtype at use. LayerNorm
-# statistics, attention logits and softmax, and the logits and loss are float32 whatever it is.
+# statistics, attention logits and softmax, and the loss are float32 whatever it is; the
+# output projection runs in this dtype and its logits are cast to float32 after it.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # The mesh axes (jaxattn.train.sharding) a sequence batch is split over, and the heads. Under
@@ -193,8 +194,10 @@ def per_shard(attend, q, k, v, key):
     Attention mixes nothing across sequences or heads, so no shard needs another's data:
     left to the partitioner, the blockwise kernel's loops (dynamic slices along B) made XLA
     gather the whole batch onto every device. ``shard`` (the device's index in the mesh, a
-    traced int) lets dropout draw differently on each shard. With K = 1 (multi-query) the
-    keys and values go whole to every head shard.
+    traced int) lets dropout draw differently on each shard (so with dropout the draws
+    depend on the mesh). With fewer key heads than head shards (K < tensor, GQA or MQA),
+    each shard gets a copy of its group's keys and values; heads stay whole on every device
+    only when neither K nor the shard count divides the other.
     """
     mesh = jax.sharding.get_abstract_mesh()
     names = set(getattr(mesh, "axis_names", ()))
@@ -204,23 +207,21 @@ def per_shard(attend, q, k, v, key):
     # of an input over the axes its spec leaves out (an all-reduce, even over one device).
     if mesh.size == 1 or q.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
         return attend(q, k, v, key, None)  # nothing to split, or a batch the mesh cannot split
-    split = mesh.shape[HEAD_AXIS]
-    heads = kv_heads = None
-    if q.shape[2] % split == 0:
-        if k.shape[2] % split == 0:
-            heads = kv_heads = HEAD_AXIS
-        elif k.shape[2] == 1:  # multi-query: the one key head goes to every head shard
-            heads = HEAD_AXIS
-    q_spec = P(BATCH_AXES, None, heads, None)
-    kv_spec = P(BATCH_AXES, None, kv_heads, None)
+    split, kh = mesh.shape[HEAD_AXIS], k.shape[2]
+    heads = None
+    if q.shape[2] % split == 0 and (kh % split == 0 or split % kh == 0):
+        heads = HEAD_AXIS
+        if kh < split:  # fewer key heads than shards (GQA, MQA): each shard gets its copy
+            k, v = jnp.repeat(k, split // kh, axis=2), jnp.repeat(v, split // kh, axis=2)
+    spec = P(BATCH_AXES, None, heads, None)
     axes = (*BATCH_AXES, *([HEAD_AXIS] if heads else []))
 
     def local(q, k, v, key):
         return attend(q, k, v, key, jax.lax.axis_index(axes))
 
-    return jax.shard_map(
-        local, in_specs=(q_spec, kv_spec, kv_spec, P()), out_specs=q_spec, check_vma=False
-    )(q, k, v, key)
+    return jax.shard_map(local, in_specs=(spec, spec, spec, P()), out_specs=spec, check_vma=False)(
+        q, k, v, key
+    )
 
 
 def _write(cache, x):

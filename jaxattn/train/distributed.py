@@ -24,10 +24,11 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 from jaxattn.train.rundir import RunError
 
-__all__ = ["initialize", "is_writer"]
+__all__ = ["agree", "gather", "initialize", "is_writer"]
 
 
 def _setting(value, variable: str, convert=str):
@@ -48,13 +49,20 @@ def initialize(mesh) -> bool:
     the run spans several processes.
 
     Raises RunError (one line) when JAX cannot join them (JAX already started on its own
-    devices, a coordinator that does not answer within 5 minutes, settings JAX refuses).
+    devices, a coordinator that does not answer within 5 minutes, settings JAX refuses), or
+    when a process count or index is given without a coordinator.
     """
     coordinator = _setting(mesh.coordinator, "JAX_COORDINATOR_ADDRESS")
-    if coordinator is None:
-        return jax.process_count() > 1
     num_processes = _setting(mesh.num_processes, "JAX_NUM_PROCESSES", int)
     process_id = _setting(mesh.process_id, "JAX_PROCESS_ID", int)
+    if coordinator is None:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            # Each process would train alone, all into the same run directory.
+            raise RunError(
+                f"num_processes={num_processes}, process_id={process_id} but no coordinator: "
+                "set mesh.coordinator (or JAX_COORDINATOR_ADDRESS) to process 0's host:port"
+            )
+        return jax.process_count() > 1
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     try:
@@ -68,6 +76,17 @@ def initialize(mesh) -> bool:
             f"{num_processes}, process_id={process_id}): {reason}"
         ) from None
     return jax.process_count() > 1
+
+
+def agree(value: int) -> int:
+    """The largest of every process's ``value`` (an int >= 0), on every process: how
+    processes agree on a stop signal or a failure (a collective: all must call it at the
+    same point). The value itself on one process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
 def is_writer() -> bool:

@@ -213,7 +213,8 @@ def train(
         if resume:
             raise RunError(
                 "--resume of a run over several processes is not supported: resume it on "
-                "one host (its checkpoints hold whole arrays, any mesh loads them)"
+                "one host, without mesh.coordinator, mesh.num_processes, mesh.process_id and "
+                "JAX_COORDINATOR_ADDRESS (its checkpoints hold whole arrays, any mesh loads them)"
             )
         if not distributed.is_writer():  # process 0 writes the run; the others follow it
             return _follow(config, start, log)
@@ -226,8 +227,10 @@ def train(
     mesh = _mesh(config)  # before the run directory exists: a refusal leaves nothing
     with (
         _StopSignals() as stop,
-        open_run_dir(
-            run_dir_for(config), resume=resume, overwrite=overwrite, needed_bytes=needed
+        _open_agreed(
+            lambda: open_run_dir(
+                run_dir_for(config), resume=resume, overwrite=overwrite, needed_bytes=needed
+            )
         ) as run,
     ):
         resuming = resume and run.existed
@@ -273,16 +276,41 @@ def _follow(config: Config, start: float, log) -> TrainResult:
         mesh = _mesh(config)
         with (
             _StopSignals() as stop,
-            open_run_dir(run_dir_for(scratch_config)) as run,
+            _open_agreed(lambda: open_run_dir(run_dir_for(scratch_config))) as run,
             Checkpoints(run.checkpoints, keep=1) as ckpts,
         ):
             graphdef, params, opt_state = init_state(config, optimizer, mesh)
             session = _Session(scratch_config, run, ckpts, stop, start, writer=False)
-            session.train(params, opt_state, graphdef, optimizer, mesh)
+            try:
+                session.train(params, opt_state, graphdef, optimizer, mesh)
+            except TrainingInterrupted as stopped:  # name the run, not the scratch directory
+                raise TrainingInterrupted(
+                    stopped.signum, stopped.step, run_dir_for(config), stopped.saved
+                ) from None
             result = session.finish(lambda _: None)
     result = dataclasses.replace(result, run_dir=run_dir_for(config))
     log(f"process {jax.process_index()} of {jax.process_count()}: done; process 0 wrote the run")
     return result
+
+
+def _open_agreed(open_dir) -> RunDir:
+    """``open_dir()``, and on several processes every process learns whether all of them
+    opened theirs: one that cannot (process 0's run directory refused, say) makes all
+    raise, rather than leaving the others waiting at the first collective."""
+    failure = None
+    try:
+        run = open_dir()
+    except RunError as err:
+        failure = err
+    if distributed.agree(0 if failure is None else 1):
+        if failure is not None:
+            raise failure
+        run.close()
+        raise RunError(
+            f"another process of the run could not open its directory (see its output); "
+            f"process {jax.process_index()} stops too"
+        )
+    return run
 
 
 def _draw_pictures(run_dir: Path, log) -> None:
@@ -416,7 +444,12 @@ class _Session:
         except OSError as err:
             raise RunError.writing(self.run_dir / "metrics.jsonl", err) from None
         with bar, metrics_file:
-            while not self.done and self.stop.signum is None:
+            while not self.done:
+                # Several processes stop at the same boundary, whichever was signalled (a
+                # small collective per chunk; nothing on one process).
+                self.stop.signum = distributed.agree(self.stop.signum or 0) or None
+                if self.stop.signum is not None:
+                    break
                 first = progress.step
                 n = min(size, tc.steps - first)
                 t0 = time.perf_counter()

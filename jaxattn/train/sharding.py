@@ -118,7 +118,7 @@ def _names(path) -> list[str]:
     return names
 
 
-def param_spec(path, shape, mesh: Mesh, head_dim: int = 1) -> P:
+def param_spec(path, shape, mesh: Mesh, *, head_dim: int) -> P:
     """The PartitionSpec of the parameter (or its optimizer moment) at pytree ``path``;
     ``head_dim`` (H) keeps the attention weights' head dims split in whole heads."""
     names = _names(path)
@@ -133,11 +133,13 @@ def param_spec(path, shape, mesh: Mesh, head_dim: int = 1) -> P:
     return P(*spec)
 
 
-def shardings_of(tree, mesh: Mesh, head_dim: int = 1):
+def shardings_of(tree, mesh: Mesh, *, head_dim: int):
     """A NamedSharding for every leaf of ``tree`` (parameters, or an optimizer state that
     mirrors them: Adam's moments have the parameters' paths under ``mu`` / ``nu``)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, param_spec(path, np.shape(leaf), mesh, head_dim)),
+        lambda path, leaf: NamedSharding(
+            mesh, param_spec(path, np.shape(leaf), mesh, head_dim=head_dim)
+        ),
         tree,
     )
 

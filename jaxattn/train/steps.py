@@ -170,8 +170,8 @@ def state_shardings(config: Config, optimizer: optax.GradientTransformation, mes
     opt_state = jax.eval_shape(optimizer.init, params)
     head_dim = config.model.d_model // config.model.num_heads
     return (
-        sharding.shardings_of(params, mesh, head_dim),
-        sharding.shardings_of(opt_state, mesh, head_dim),
+        sharding.shardings_of(params, mesh, head_dim=head_dim),
+        sharding.shardings_of(opt_state, mesh, head_dim=head_dim),
     )
 
 

@@ -139,6 +139,9 @@ def test_a_bad_process_count_in_the_environment_is_one_line(tmp_path):
     ("override", "says"),
     [
         ("mesh.coordinator=localhost", "mesh.coordinator must be host:port"),
+        ("mesh.coordinator=localhost:0", "mesh.coordinator must be host:port"),
+        ("mesh.coordinator=localhost:70000", "mesh.coordinator must be host:port"),
+        ("mesh.coordinator='[::1:1234'", "mesh.coordinator must be host:port"),
         ("mesh.num_processes=0", "mesh.num_processes must be >= 1"),
         ("mesh.process_id=-1", "mesh.process_id must be >= 0"),
     ],
@@ -151,3 +154,64 @@ def test_bad_process_settings_are_config_errors(override, says):
 def test_a_process_id_beyond_the_process_count_is_a_config_error():
     with pytest.raises(ConfigError, match=r"mesh\.process_id must be below mesh\.num_processes"):
         load_config(TINY, ["mesh.num_processes=2", "mesh.process_id=2"])
+
+
+def test_a_run_directory_process_0_refuses_stops_every_process(tmp_path):
+    """Process 0 cannot open the run (a file is in its way): the other process learns it at
+    once and stops too, rather than waiting at the first collective."""
+    (tmp_path / "run").write_text("a user's file\n")
+    port = _free_port()
+    procs = [
+        _train_py(
+            2,
+            *SMALL,
+            f"train.run_dir={tmp_path / 'run'}",
+            f"mesh.coordinator=127.0.0.1:{port}",
+            "mesh.num_processes=2",
+            f"mesh.process_id={i}",
+        )
+        for i in (0, 1)
+    ]
+    (code0, _, err0), (code1, _, err1) = map(_finish, procs)
+    assert (code0, code1) == (2, 2), (err0[-1500:], err1[-1500:])
+    assert "is not a directory" in err0 or "not a run" in err0, err0[-1500:]
+    assert "another process of the run could not open its directory" in err1
+    assert (tmp_path / "run").read_text() == "a user's file\n"
+
+
+def test_a_process_count_without_a_coordinator_is_refused(tmp_path):
+    from jaxattn.train.loop import train
+    from jaxattn.train.rundir import RunError
+
+    config = load_config(TINY, [f"train.run_dir={tmp_path / 'run'}", "mesh.num_processes=2"])
+    with pytest.raises(RunError, match="num_processes=2, process_id=None but no coordinator"):
+        train(config, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_to_one_process_stops_all_at_one_step_and_process_0_saves(tmp_path):
+    import signal
+    import time
+
+    run, port = tmp_path / "run", _free_port()
+    args = [
+        *SMALL,
+        "train.steps=5000",
+        "train.eval_every=10",
+        f"train.run_dir={run}",
+        f"mesh.coordinator=127.0.0.1:{port}",
+        "mesh.num_processes=2",
+    ]
+    procs = [_train_py(2, *args, f"mesh.process_id={i}") for i in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and procs[0].poll() is None, "training never began"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGINT)  # the follower only
+    (code0, _, err0), (code1, _, err1) = map(_finish, procs)
+    assert (code0, code1) == (130, 130), (err0[-1500:], err1[-1500:])
+    step = int(err0.split("at step ")[1].split()[0].rstrip(";,"))
+    assert f"at step {step}" in err1  # both stopped at the same boundary
+    assert (run / "checkpoints" / str(step)).is_dir()  # process 0 saved it
+    # The command it prints resumes on one host.
+    assert "mesh.coordinator=null" in err0 and "JAX_COORDINATOR_ADDRESS unset" in err0

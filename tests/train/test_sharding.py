@@ -31,7 +31,7 @@ class Key:  # a pytree path entry, as jax.tree_util makes them
 
 
 def spec(names, shape, sizes):
-    return param_spec([Key(n) for n in names], shape, AbstractMesh(sizes, AXES))
+    return param_spec([Key(n) for n in names], shape, AbstractMesh(sizes, AXES), head_dim=16)
 
 
 def test_rules_shard_weights_over_fsdp_and_tensor_where_the_axis_divides():
@@ -45,6 +45,9 @@ def test_rules_shard_weights_over_fsdp_and_tensor_where_the_axis_divides():
     assert spec(["mu", "embed", "embedding"], (16, 64), (1, 4, 2)) == P("tensor", "fsdp")
     # A vocabulary of 15 is not split in 2: that dim stays whole.
     assert spec(["embed", "embedding"], (15, 64), (1, 4, 2)) == P(None, "fsdp")
+    # Heads split whole: a key projection of one head (16 wide) is not split 2 ways.
+    assert spec(["attention", "k_proj", "kernel"], (64, 16), (1, 4, 2)) == P("fsdp", None)
+    assert spec(["attention", "k_proj", "kernel"], (64, 32), (1, 4, 2)) == P("fsdp", "tensor")
     # LayerNorm, output biases and counters are replicated.
     assert spec(["final_norm", "scale"], (64,), (1, 4, 2)) == P()
     assert spec(["count"], (), (1, 4, 2)) == P()
@@ -205,8 +208,8 @@ PER_SHARD = textwrap.dedent(
 
     COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
     out = {}
-    cases = [((2, 1, 2), "flash", 4), ((2, 1, 2), "flash", 1), ((2, 1, 2), "xla", 2),
-             ((1, 1, 4), "flash", 1)]
+    cases = [((2, 1, 2), "flash", 4), ((2, 1, 2), "xla", 2), ((1, 1, 4), "flash", 1),
+             ((1, 1, 4), "xla", 2)]
     for sizes, impl, kv in cases:
         mesh = make_mesh(*sizes)
         t = 160 if impl == "flash" else 16  # flash: T * S >= 128 * 128
@@ -232,13 +235,15 @@ PER_SHARD = textwrap.dedent(
             return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
 
         def collectives(f):
-            hlo = jax.jit(f).lower(*args).compile().as_text()
-            hlo += grads(f).lower(*args).compile().as_text()
-            return {c: hlo.count(c + "(") for c in COLLECTIVES}
+            programs = {"forward": jax.jit(f), "backward": grads(f)}
+            return {
+                name: {c: fn.lower(*args).compile().as_text().count(c + "(") for c in COLLECTIVES}
+                for name, fn in programs.items()
+            }
 
         row = {
             "collectives": collectives(sharded),
-            "kv_split": heads is not None or sizes[2] == 1,
+            "kv_split": heads is not None,
             "out": np.asarray(jax.jit(sharded)(*args)).tolist(),
             "spec": [list(a) if isinstance(a, tuple) else a
                      for a in jax.jit(sharded)(*args).sharding.spec],
@@ -250,6 +255,26 @@ PER_SHARD = textwrap.dedent(
         if (sizes, impl, kv) == ((2, 1, 2), "flash", 4):
             row["plain_collectives"] = collectives(plain)
         out[f"{sizes}-{impl}-{kv}"] = row
+
+    # Dropout per shard: every sequence the same, rows 0 and 4 on different data shards.
+    mesh = make_mesh(2, 1, 2)
+    x = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (1, 16, 4, 16)), (8, 16, 4, 16))
+    x = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None)))
+
+    def dropped(x, key):
+        def attend(q, k, v, key, shard):
+            key = key if shard is None else jax.random.fold_in(key, shard)
+            return ja.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_key=key)
+
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return per_shard(attend, x, x, x, key)
+
+    y = np.asarray(jax.jit(dropped)(x, jax.random.key(2)))
+    out["dropout"] = {
+        "finite": bool(np.isfinite(y).all()),
+        "rows_same_shard_equal": bool(np.array_equal(y[0], y[1])),
+        "rows_other_shard_equal": bool(np.array_equal(y[0], y[4])),
+    }
     print(json.dumps(out))
     """
 )
@@ -261,15 +286,27 @@ def test_attention_runs_per_shard_without_gathering_its_inputs():
     all; left to the partitioner, the blockwise kernel gathers the batch (why per_shard
     exists)."""
     out = json.loads(_python(PER_SHARD, 4))
+    # One kernel call per shard draws one mask for its rows: rows of one shard share a key
+    # (and differ only through their batch index), rows of two shards use two keys.
+    assert out.pop("dropout") == {
+        "finite": True,
+        "rows_same_shard_equal": False,
+        "rows_other_shard_equal": False,
+    }
     assert len(out) == 4
     for case, row in out.items():
-        moved = row["collectives"]
-        assert moved["all-gather"] == moved["all-to-all"] == moved["collective-permute"] == 0
-        # Keys and values whole on every head shard (K = 1 < tensor): their gradients are
-        # summed over the head shards, the one collective there is.
-        assert moved["all-reduce"] == (0 if row["kv_split"] else 1), case
+        forward, backward = row["collectives"]["forward"], row["collectives"]["backward"]
+        assert set(forward.values()) == {0}, case
+        if row["kv_split"]:
+            assert set(backward.values()) == {0}, case
+        else:
+            # Keys and values shared by head shards (K < tensor, copied to each): their
+            # gradients are summed over the shards and made whole again, as the replicated
+            # keys they are; nothing is moved otherwise.
+            assert backward["all-to-all"] == backward["collective-permute"] == 0, case
+            assert backward["all-reduce"] >= 1, case
         np.testing.assert_allclose(row["out"], row["expected"], rtol=1e-5, atol=1e-6)
         for got, expected in zip(row["grads"], row["expected_grads"], strict=True):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
         assert row["spec"] == [["data", "fsdp"], None, "tensor", None], case
-    assert out["(2, 1, 2)-flash-4"]["plain_collectives"]["all-gather"] > 0
+    assert out["(2, 1, 2)-flash-4"]["plain_collectives"]["forward"]["all-gather"] > 0
