@@ -130,6 +130,7 @@ def softmax_rows():
     q = jnp.eye(3)[None, :, None, :] * jnp.sqrt(3.0)  # so that q k^T / sqrt(3) == scores
     k = scores.T[None, :, None, :]
     _, weights = dot_product_attention(q, k, k, return_weights=True)
+    show("scores (query rows, key columns)", scores)
     show("jaxattn weights", weights[0, 0])
     show("row sums", weights[0, 0].sum(-1))
 
@@ -165,14 +166,15 @@ def fully_masked_row():
         e = np.exp(scores + additive - np.max(scores + additive, axis=-1, keepdims=True))
         tutorial = e / e.sum(-1, keepdims=True)
     show("tutorial, additive -inf mask", tutorial)
-    q = jnp.ones((1, 2, 1, 2))
-    k = jnp.eye(2).reshape(1, 2, 1, 2)
+    # The same scores for jaxattn: queries = the score rows, one-hot keys, scale 1.
+    q = jnp.asarray(scores, jnp.float32)[None, :, None, :]
+    k = jnp.eye(2)[None, :, None, :]
     v = jnp.arange(4.0).reshape(1, 2, 1, 2)
     mask = jnp.array([[True, True], [False, False]])
-    out, weights = dot_product_attention(q, k, v, mask=mask, return_weights=True)
+    out, weights = dot_product_attention(q, k, v, mask=mask, scale=1.0, return_weights=True)
     show("jaxattn weights, same mask (bool, True = may attend)", weights[0, 0])
     show("jaxattn output (row 1: zeros)", out[0, :, 0])
-    grads = jax.grad(lambda q: jnp.sum(dot_product_attention(q, k, v, mask=mask)))(q)
+    grads = jax.grad(lambda q: jnp.sum(dot_product_attention(q, k, v, mask=mask, scale=1.0)))(q)
     show("gradient with respect to q (row 1: zeros, not NaN)", grads[0, :, 0])
 
 

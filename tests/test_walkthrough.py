@@ -43,7 +43,7 @@ def test_the_walkthrough_runs_and_says_what_the_docs_say(trained_tiny, tmp_path)
         "jaxattn, the same scores in float16:\n    [0.731 0.269 0.   ]",
         "tutorial, additive -inf mask:\n    [[0.269 0.731]\n     [  nan   nan]]",
         "gradient with respect to q (row 1: zeros, not NaN):\n"
-        "    [[-0.707  0.707]\n     [ 0.     0.   ]]",
+        "    [[-0.786  0.786]\n     [ 0.     0.   ]]",
         "tutorial, a causal mask given: output equal to no mask at all? True",
         "grouped query heads == every key head repeated for its G query heads: True",
         "the decoder is causal: changing tokens 3 and 4 leaves the logits of 0..2 alone: True",
