@@ -148,7 +148,7 @@ _MESH_AXIS = ((lambda v: v == -1 or v >= 1), "-1 (all remaining devices) or an i
 _SEED = ((lambda v: 0 <= v < 2**32), "in [0, 2**32 - 1] (a 32-bit seed)")
 
 
-def _host_port(v: str) -> bool:
+def is_host_port(v: str) -> bool:
     """``host:port``: a name or IPv4 address, or an IPv6 address in brackets, and a port."""
     host, _, port = v.rpartition(":")
     if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
@@ -185,7 +185,7 @@ _RULES = {
     "mesh.data": _MESH_AXIS,
     "mesh.fsdp": _MESH_AXIS,
     "mesh.tensor": _MESH_AXIS,
-    "mesh.coordinator": (_host_port, "host:port with a port in [1, 65535], e.g. 10.0.0.1:1234"),
+    "mesh.coordinator": (is_host_port, "host:port with a port in [1, 65535], e.g. 10.0.0.1:1234"),
     "mesh.num_processes": _at_least(1),
     "mesh.process_id": _at_least(0),
     "optim.learning_rate": _POSITIVE,

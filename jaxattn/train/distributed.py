@@ -21,14 +21,16 @@ this process's index by ``mesh.num_processes`` / ``mesh.process_id`` or ``JAX_NU
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 
 import jax
 import numpy as np
 
 from jaxattn.train.rundir import RunError
 
-__all__ = ["agree", "gather", "initialize", "is_writer"]
+__all__ = ["agree", "check_same", "coordinator_named", "gather", "initialize", "is_writer"]
 
 
 def _setting(value, variable: str, convert=str):
@@ -41,6 +43,28 @@ def _setting(value, variable: str, convert=str):
         return convert(raw.strip())
     except ValueError:
         raise RunError(f"environment variable {variable}={raw!r} is not an int") from None
+
+
+def coordinator_named(mesh) -> bool:
+    """Whether ``mesh`` (a ``MeshConfig``) or the environment names a coordinator: whether
+    :func:`initialize` would join several processes."""
+    return _setting(mesh.coordinator, "JAX_COORDINATOR_ADDRESS") is not None
+
+
+def _check_port_free(coordinator: str) -> None:
+    """On process 0: the coordinator's port must be free here, or JAX's gRPC server dies
+    with a segmentation fault (seen with jax 0.10.2) instead of an error."""
+    port = int(coordinator.rpartition(":")[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # A port in TIME_WAIT from an earlier run may be bound again; a listening one not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as err:
+            raise RunError(
+                f"coordinator port {port} is not free on this host ({err.strerror}): another "
+                "run holds it, or it is reserved; pick another mesh.coordinator port"
+            ) from None
 
 
 def initialize(mesh) -> bool:
@@ -65,6 +89,15 @@ def initialize(mesh) -> bool:
         return jax.process_count() > 1
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
+    from jaxattn.train.config import is_host_port
+
+    if not is_host_port(coordinator):  # the config key is checked where it is loaded
+        raise RunError(
+            f"JAX_COORDINATOR_ADDRESS={coordinator!r} is not host:port with a port in "
+            "[1, 65535], e.g. 10.0.0.1:1234"
+        )
+    if process_id == 0:
+        _check_port_free(coordinator)
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
@@ -87,6 +120,24 @@ def agree(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def check_same(what: str, text: str) -> None:
+    """Raise RunError on every process unless all passed the same ``text`` (their config,
+    say): processes started with different settings would otherwise fail apart, one with an
+    error and the others waiting at a collective. A collective; nothing on one process."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
+    digests = np.asarray(multihost_utils.process_allgather(np.int32(digest))).ravel()
+    others = [i for i, d in enumerate(digests) if d != digests[0]]
+    if others:
+        raise RunError(
+            f"process {', '.join(map(str, others))} started with another {what} than process "
+            "0: start every process with the same command (only mesh.process_id differs)"
+        )
 
 
 def is_writer() -> bool:

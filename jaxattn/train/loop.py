@@ -208,14 +208,18 @@ def train(
       TrainingInterrupted: SIGINT or SIGTERM; the checkpoint of the step reached is saved.
     """
     start = time.perf_counter()
+    if resume and distributed.coordinator_named(config.mesh):  # refused before joining
+        raise RunError(
+            "--resume of a run over several processes is not supported: resume it on "
+            "one host, without mesh.coordinator, mesh.num_processes, mesh.process_id and "
+            "JAX_COORDINATOR_ADDRESS (its checkpoints hold whole arrays, any mesh loads them)"
+        )
     # Before JAX touches a device: after it, jax.devices() lists every process's devices.
     if distributed.initialize(config.mesh):
-        if resume:
-            raise RunError(
-                "--resume of a run over several processes is not supported: resume it on "
-                "one host, without mesh.coordinator, mesh.num_processes, mesh.process_id and "
-                "JAX_COORDINATOR_ADDRESS (its checkpoints hold whole arrays, any mesh loads them)"
-            )
+        mine = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, process_id=None))
+        distributed.check_same(
+            "config or flags", json.dumps([to_dict(mine), overwrite], sort_keys=True)
+        )
         if not distributed.is_writer():  # process 0 writes the run; the others follow it
             return _follow(config, start, log)
     optimizer = make_optimizer(

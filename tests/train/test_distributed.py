@@ -215,3 +215,51 @@ def test_ctrl_c_to_one_process_stops_all_at_one_step_and_process_0_saves(tmp_pat
     assert (run / "checkpoints" / str(step)).is_dir()  # process 0 saved it
     # The command it prints resumes on one host.
     assert "mesh.coordinator=null" in err0 and "JAX_COORDINATOR_ADDRESS unset" in err0
+
+
+def test_processes_started_with_different_configs_stop_in_one_line_before_writing(tmp_path):
+    port = _free_port()
+    args = [
+        *SMALL,
+        f"train.run_dir={tmp_path / 'run'}",
+        f"mesh.coordinator=127.0.0.1:{port}",
+        "mesh.num_processes=2",
+    ]
+    procs = [
+        _train_py(2, *args, "mesh.process_id=0"),
+        _train_py(2, *args, "mesh.process_id=1", "train.steps=40"),  # a different command
+    ]
+    for code, _, err in map(_finish, procs):
+        assert code == 2, err[-1500:]
+        assert "process 1 started with another config or flags than process 0" in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_coordinator_settings_are_refused_in_one_line_before_joining(tmp_path, monkeypatch):
+    import socket
+
+    from jaxattn.train.loop import train
+    from jaxattn.train.rundir import RunError
+
+    run = f"train.run_dir={tmp_path / 'run'}"
+    # From the environment, the same check as the config key's.
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "garbage")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(RunError, match=r"JAX_COORDINATOR_ADDRESS='garbage' is not host:port"):
+        train(load_config(TINY, [run]), log=lambda _: None)
+    # --resume with a coordinator named: refused at once, not after waiting for the others.
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    with pytest.raises(RunError, match="--resume of a run over several processes"):
+        train(load_config(TINY, [run]), resume=True, log=lambda _: None)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    # Process 0 finds its coordinator port taken (JAX's server would crash on it).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = load_config(TINY, [run, f"mesh.coordinator=127.0.0.1:{port}"])
+        with pytest.raises(RunError, match=f"coordinator port {port} is not free on this host"):
+            train(config, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
