@@ -74,17 +74,17 @@ def rng():
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory):
-    """The README's default run (configs/tiny.yaml, pictures on), trained until it copies
-    every held-out sequence (about 10 s): once per pytest run, whatever the workers. Under
+    """The README's default run (``python train.py --config configs/tiny.yaml``, pictures
+    on), trained until it copies every held-out sequence (about 10 s), and the lines it
+    printed: once per pytest run, whatever the workers. Under
     xdist the first worker to ask trains it into the session's shared temporary directory,
     holding a lock; the others wait and read it. Read it; never write into it."""
     import fcntl
     import json
     import os
+    import subprocess
+    import sys
     from pathlib import Path
-
-    from jaxattn.train.config import load_config
-    from jaxattn.train.loop import train
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -94,12 +94,23 @@ def trained_tiny(tmp_path_factory):
     with open(shared / "tiny.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not log_file.exists():
-            config = load_config(
-                Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
-                [f"train.run_dir={run_dir}", "train.progress=false"],
+            # The README's command itself (tests/train/test_steps.py checks what it prints).
+            root = Path(__file__).resolve().parents[1]
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    str(root / "train.py"),
+                    "--config",
+                    "configs/tiny.yaml",
+                    f"train.run_dir={run_dir}",
+                    "train.progress=false",
+                ],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
             )
-            logs = []
-            result = train(config, log=logs.append)
-            assert result.reached_target, logs
-            log_file.write_text(json.dumps(logs))
+            assert result.returncode == 0, result.stderr[-3000:]
+            log_file.write_text(json.dumps(result.stdout.splitlines()))
     return run_dir, json.loads(log_file.read_text())
