@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -358,18 +359,36 @@ def main(argv=None) -> int:
         "--run", type=Path, help="a tiny.yaml run already trained, instead of training one"
     )
     args = parser.parse_args(argv)
-    print(f"jaxattn {jaxattn.__version__}, jax {jax.__version__} on {jax.default_backend()}")
-    model = embeddings_and_projections()
-    scaling()
-    masks()
-    softmax_rows()
-    fully_masked_row()
-    mask_none()
-    weighted_sum_and_paths()
-    heads()
-    positions()
-    block(model)
-    training(args.out, args.run)
+    from jaxattn.train import RunError, load_run
+
+    try:
+        # Both checked before half a minute of work, not after it.
+        if args.run is not None:
+            load_run(args.run)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunError.writing(args.out, err) from None
+        if not os.access(args.out, os.W_OK):
+            raise RunError(f"cannot write {args.out}: permission denied")
+        print(f"jaxattn {jaxattn.__version__}, jax {jax.__version__} on {jax.default_backend()}")
+        model = embeddings_and_projections()
+        scaling()
+        masks()
+        softmax_rows()
+        fully_masked_row()
+        mask_none()
+        weighted_sum_and_paths()
+        heads()
+        positions()
+        block(model)
+        training(args.out, args.run)
+    except RunError as err:
+        print(f"walkthrough.py: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a training run it started is in a temporary directory: gone
+        print("walkthrough.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -29,7 +29,9 @@ NORMS = ("pre", "post")  # model.norm: LayerNorm before or after each residual b
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # The mesh axes (jaxattn.train.sharding) a sequence batch is split over, and the heads. Under
-# a mesh with these names (``jax.set_mesh``), attention runs once per shard: each device
+# a mesh with these names in context (``jax.set_mesh`` outside jit, or
+# ``jax.sharding.use_abstract_mesh`` inside, as the train step does), attention runs once per
+# shard: each device
 # attends its own sequences and heads, which needs nothing from the others.
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -187,7 +189,7 @@ class MultiHeadAttention(nnx.Module):
 def per_shard(attend, q, k, v, key):
     """``attend(q, k, v, key, shard)`` on ``q [B, T, N, H]``, ``k, v [B, S, K, H]``: once on
     the whole arrays (``shard`` None), or, under a mesh with the axes :data:`BATCH_AXES` and
-    :data:`HEAD_AXIS` (``jax.set_mesh``), once per device on its shard (``jax.shard_map``):
+    :data:`HEAD_AXIS` in context, once per device on its shard (``jax.shard_map``):
     B split over the batch axes (as the trainer splits every batch), N and K over the head
     axis where they divide (else heads stay whole on each device).
 

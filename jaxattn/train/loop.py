@@ -222,6 +222,15 @@ def train(
         )
         if not distributed.is_writer():  # process 0 writes the run; the others follow it
             return _follow(config, start, log)
+    return _run(config, start, resume=resume, overwrite=overwrite, log=log)
+
+
+def _run(
+    config: Config, start: float, *, resume: bool, overwrite: bool, log, writer: bool = True
+) -> TrainResult:
+    """:func:`train` once the processes (if several) have joined: the run directory, the
+    state on the mesh, the session. ``writer=False`` is a follower process (:func:`_follow`):
+    the same steps and collectives, in the order process 0 takes them, without checkpoints."""
     optimizer = make_optimizer(
         config.optim, d_model=config.model.d_model, total_steps=updates(config)
     )
@@ -233,7 +242,10 @@ def train(
         _StopSignals() as stop,
         _open_agreed(
             lambda: open_run_dir(
-                run_dir_for(config), resume=resume, overwrite=overwrite, needed_bytes=needed
+                run_dir_for(config),
+                resume=resume,
+                overwrite=overwrite,
+                needed_bytes=needed if writer else 0,
             )
         ) as run,
     ):
@@ -244,7 +256,7 @@ def train(
             log(f"no run in {run.path} to resume; starting a new one")
         graphdef, params, opt_state = init_state(config, optimizer, mesh)
         with Checkpoints(run.checkpoints, keep=config.train.keep_checkpoints) as ckpts:
-            session = _Session(config, run, ckpts, stop, start)
+            session = _Session(config, run, ckpts, stop, start, writer=writer)
             if resuming and ckpts.latest_step() is not None:
                 params, opt_state = session.restore(params, opt_state)
             if session.done:  # a resumed run that had finished: only what is missing
@@ -262,39 +274,30 @@ def train(
 
 
 def _follow(config: Config, start: float, log) -> TrainResult:
-    """A process other than 0 of a multi-process run: the same steps, collectives and
-    evaluations as process 0, in a scratch directory it deletes; it saves no checkpoint
-    (it joins the gathering of each one) and draws nothing."""
+    """A process other than 0 of a multi-process run: :func:`_run` in a scratch directory
+    it deletes, saving no checkpoint (it joins the gathering of each one) and drawing
+    nothing."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="jaxattn-follower-") as scratch:
-        scratch_config = dataclasses.replace(
-            config,
-            train=dataclasses.replace(
-                config.train, run_dir=str(Path(scratch) / "run"), progress=False, pictures=False
-            ),
+        train_config = dataclasses.replace(
+            config.train, run_dir=str(Path(scratch) / "run"), progress=False, pictures=False
         )
-        optimizer = make_optimizer(
-            config.optim, d_model=config.model.d_model, total_steps=updates(config)
-        )
-        mesh = _mesh(config)
-        with (
-            _StopSignals() as stop,
-            _open_agreed(lambda: open_run_dir(run_dir_for(scratch_config))) as run,
-            Checkpoints(run.checkpoints, keep=1) as ckpts,
-        ):
-            graphdef, params, opt_state = init_state(config, optimizer, mesh)
-            session = _Session(scratch_config, run, ckpts, stop, start, writer=False)
-            try:
-                session.train(params, opt_state, graphdef, optimizer, mesh)
-            except TrainingInterrupted as stopped:  # name the run, not the scratch directory
-                raise TrainingInterrupted(
-                    stopped.signum, stopped.step, run_dir_for(config), stopped.saved
-                ) from None
-            result = session.finish(lambda _: None)
-    result = dataclasses.replace(result, run_dir=run_dir_for(config))
+        try:
+            result = _run(
+                dataclasses.replace(config, train=train_config),
+                start,
+                resume=False,
+                overwrite=False,
+                log=lambda _: None,
+                writer=False,
+            )
+        except TrainingInterrupted as stopped:  # name the run, not the scratch directory
+            raise TrainingInterrupted(
+                stopped.signum, stopped.step, run_dir_for(config), stopped.saved
+            ) from None
     log(f"process {jax.process_index()} of {jax.process_count()}: done; process 0 wrote the run")
-    return result
+    return dataclasses.replace(result, run_dir=run_dir_for(config))
 
 
 def _open_agreed(open_dir) -> RunDir:

@@ -71,12 +71,12 @@ def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransfor
 
     def chunk(params, opt_state, base_key, start_step, n):
         if mesh is None:
-            return steps(params, opt_state, base_key, start_step, n)
+            return run_steps(params, opt_state, base_key, start_step, n)
         # The mesh in context: attention runs per shard (jaxattn.nn.layers.per_shard).
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return steps(params, opt_state, base_key, start_step, n)
+            return run_steps(params, opt_state, base_key, start_step, n)
 
-    def steps(params, opt_state, base_key, start_step, n):
+    def run_steps(params, opt_state, base_key, start_step, n):
         def one_step(carry, step):
             params, opt_state = carry
             batch_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, step))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from short_run import SHORT_RUN
 
 from jaxattn.train import load_run
 from jaxattn.train.config import ConfigError, load_config
@@ -21,13 +22,7 @@ from jaxattn.train.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 SMALL = [
-    "train.progress=false",
-    "train.pictures=false",
-    "train.steps=20",
-    "train.eval_every=10",
-    "train.steps_per_call=10",
-    "task.eval_size=64",
-    "model.num_layers=1",  # compiles faster; nothing here depends on depth
+    *SHORT_RUN,
     "mesh.data=2",
     "mesh.fsdp=2",  # batch over all 4 devices, weights split across the two processes
 ]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
+from short_run import SHORT_RUN
 
 from jaxattn.train import load_run
 from jaxattn.train.config import load_config
@@ -175,16 +176,7 @@ RUN = textwrap.dedent(
 
 def test_a_run_on_4_devices_resumes_on_2_and_loads_on_1(tmp_path):
     run = tmp_path / "run"
-    args = [
-        f"train.run_dir={run}",
-        "train.progress=false",
-        "train.pictures=false",
-        "train.steps=20",
-        "train.eval_every=10",
-        "train.steps_per_call=10",
-        "task.eval_size=64",
-        "model.num_layers=1",  # compiles faster; the sharding does not depend on depth
-    ]
+    args = [f"train.run_dir={run}", *SHORT_RUN]
     assert _python(RUN, 4, TINY, "new", *args, "mesh.fsdp=4", "mesh.data=1") == "20 None"
     whole = (run / "metrics.jsonl").read_text()
     # Lose the last checkpoint, as a kill would: the run continues from step 10 on 2 devices.
