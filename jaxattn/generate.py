@@ -77,7 +77,7 @@ def _answer(args) -> list[str]:
 
     from jaxattn.nn.decoding import generate
     from jaxattn.train import tasks
-    from jaxattn.train.checkpoints import load_run
+    from jaxattn.train.load import load_run
 
     model, config = load_run(args.run, step=args.step)
     vocab = config.task.vocab_size

@@ -213,7 +213,7 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
     (one line) for an unusable run or an unwritable ``out_dir``, ValueError for ``example``.
     """
     from jaxattn.train import tasks
-    from jaxattn.train.checkpoints import load_run
+    from jaxattn.train.load import load_run
 
     run_dir = Path(run_dir).expanduser()
     out_dir = run_dir if out_dir is None else Path(out_dir).expanduser()

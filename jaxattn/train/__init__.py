@@ -5,10 +5,10 @@ directory. Imports optax, orbax, yaml and tqdm on top of :mod:`jaxattn.nn`.
     result = train(load_config("configs/tiny.yaml"))
 """
 
-from jaxattn.train.checkpoints import load_run as load_run
 from jaxattn.train.config import Config as Config
 from jaxattn.train.config import ConfigError as ConfigError
 from jaxattn.train.config import load_config as load_config
+from jaxattn.train.load import load_run as load_run
 from jaxattn.train.loop import TrainingInterrupted as TrainingInterrupted
 from jaxattn.train.loop import TrainResult as TrainResult
 from jaxattn.train.loop import train as train

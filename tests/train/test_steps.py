@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxattn.nn.decoding import generate
 from jaxattn.train import tasks
-from jaxattn.train.checkpoints import load_run
+from jaxattn.train.load import load_run
 from jaxattn.train.config import load_config
 from jaxattn.train.loop import train
 from jaxattn.train.optim import make_optimizer
