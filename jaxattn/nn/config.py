@@ -8,7 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ModelConfig"]
+import jax
+import jax.numpy as jnp
+
+__all__ = ["ACTIVATIONS", "COMPUTE_DTYPES", "NORMS", "POSITIONS", "ModelConfig"]
+
+# The values ModelConfig's string fields may take, implemented in jaxattn.nn.layers and
+# jaxattn.nn.model; the trainer's config checks a loaded value against these.
+POSITIONS = ("sinusoidal", "learned", "rotary")  # model.positions
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}  # model.activation -> function
+NORMS = ("pre", "post")  # model.norm: LayerNorm before or after each residual branch
+# model.compute_dtype -> the dtype of matmuls and activations. Parameters stay float32 (the
+# optimizer updates them there); each layer casts them to this dtype at use. LayerNorm
+# statistics, attention logits and softmax, and the loss are float32 whatever it is; the
+# output projection runs in this dtype and its logits are cast to float32 after it.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclass(frozen=True)

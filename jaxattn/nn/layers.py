@@ -15,26 +15,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxattn.attention import dot_product_attention
+from jaxattn.nn.axes import BATCH_AXES, HEAD_AXIS
 from jaxattn.nn.cache import LayerCache
-from jaxattn.nn.config import ModelConfig
-
-# The values ModelConfig's string fields may take, implemented here and in jaxattn.nn.model.
-POSITIONS = ("sinusoidal", "learned", "rotary")  # model.positions
-ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}  # model.activation -> function
-NORMS = ("pre", "post")  # model.norm: LayerNorm before or after each residual branch
-# model.compute_dtype -> the dtype of matmuls and activations. Parameters stay float32 (the
-# optimizer updates them there); each layer casts them to this dtype at use. LayerNorm
-# statistics, attention logits and softmax, and the loss are float32 whatever it is; the
-# output projection runs in this dtype and its logits are cast to float32 after it.
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# The mesh axes (jaxattn.train.sharding) a sequence batch is split over, and the heads. Under
-# a mesh with these names in context (``jax.set_mesh`` outside jit, or
-# ``jax.sharding.use_abstract_mesh`` inside, as the train step does), attention runs once per
-# shard: each device
-# attends its own sequences and heads, which needs nothing from the others.
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+from jaxattn.nn.config import ACTIVATIONS, COMPUTE_DTYPES, ModelConfig
 
 
 def dropout(x, rate: float, key):

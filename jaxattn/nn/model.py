@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.nn.cache import KVCache
-from jaxattn.nn.config import ModelConfig
-from jaxattn.nn.layers import COMPUTE_DTYPES, DecoderBlock, dropout, sinusoidal_at, split_keys
+from jaxattn.nn.config import COMPUTE_DTYPES, ModelConfig
+from jaxattn.nn.layers import DecoderBlock, dropout, sinusoidal_at, split_keys
 
 __all__ = ["TinyDecoder"]
 

@@ -21,36 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from jaxattn.nn.config import ModelConfig
-from jaxattn.nn.layers import ACTIVATIONS, COMPUTE_DTYPES, NORMS, POSITIONS
-from jaxattn.train.optim import SCHEDULES
-from jaxattn.train.tasks import FIRST_SYMBOL, TASKS, sequence_length
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    name: str = "copy"  # copy | reverse | sort | next_token
-    length: int = 10  # L, symbols per sequence
-    vocab_size: int = 16  # PAD=0, BOS=1, SEP=2, symbols 3..vocab_size-1
-    batch_size: int = 64  # training sequences per step
-    eval_size: int = 1000  # held-out sequences for exact-match
-    eval_seed: int = 1_000_003  # held-out set seed, never used for training batches
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    learning_rate: float = 3e-3  # peak learning rate (noam: multiplier of its formula)
-    schedule: str = "warmup_cosine"  # noam | warmup_cosine | warmup_rsqrt | warmup_constant
-    warmup_steps: int = 100  # linear warmup length
-    b1: float = 0.9  # Adam beta1
-    b2: float = 0.98  # Adam beta2
-    eps: float = 1e-9  # Adam epsilon
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    clip_norm: float | None = 1.0  # global gradient-norm clip (None = off)
-    label_smoothing: float = 0.1  # optax smooth_labels alpha
-    accumulate_steps: int = 1  # micro-batches per update (optax.MultiSteps)
+from jaxattn.nn.config import ACTIVATIONS, COMPUTE_DTYPES, NORMS, POSITIONS, ModelConfig
+from jaxattn.train import _yaml
+from jaxattn.train.distributed import is_host_port
+from jaxattn.train.optim import SCHEDULES, OptimConfig
+from jaxattn.train.sharding import MeshConfig
+from jaxattn.train.tasks import FIRST_SYMBOL, TASKS, TaskConfig, sequence_length
 
 
 @dataclass(frozen=True)
@@ -67,16 +43,6 @@ class TrainConfig:
     # a multiple of gcd(steps_per_call, eval_every), so checkpoints fall between fused calls
     keep_checkpoints: int = 3  # latest checkpoints kept (the best by exact-match is kept too)
     on_nonfinite: str = "stop"  # stop | skip: a non-finite loss stops the run or skips the step
-
-
-@dataclass(frozen=True)
-class MeshConfig:
-    data: int = -1  # devices the batch is split over (-1: all the others leave)
-    fsdp: int = 1  # devices the batch and the weights' model width are split over
-    tensor: int = 1  # devices the heads, the feed-forward width and the vocabulary are split over
-    coordinator: str | None = None  # host:port of process 0 (None: JAX_COORDINATOR_ADDRESS)
-    num_processes: int | None = None  # processes of the run (None: JAX_NUM_PROCESSES)
-    process_id: int | None = None  # this process's index (None: JAX_PROCESS_ID)
 
 
 @dataclass(frozen=True)
@@ -146,16 +112,6 @@ _UNIT_OPEN = ((lambda v: 0 <= v < 1), "in [0, 1)")
 # PRNG keys are made from 32-bit seeds: 2**32 would silently give seed 0's run.
 _MESH_AXIS = ((lambda v: v == -1 or v >= 1), "-1 (all remaining devices) or an int >= 1")
 _SEED = ((lambda v: 0 <= v < 2**32), "in [0, 2**32 - 1] (a 32-bit seed)")
-
-
-def is_host_port(v: str) -> bool:
-    """``host:port``: a name or IPv4 address, or an IPv6 address in brackets, and a port."""
-    host, _, port = v.rpartition(":")
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        return False
-    if host.startswith("["):
-        return bool(re.fullmatch(r"\[[0-9A-Fa-f:.]+\]", host))
-    return bool(re.fullmatch(r"[A-Za-z0-9.-]+", host))
 
 
 # Dotted key -> (predicate, what is allowed); None values of optional keys skip the rule.
@@ -257,42 +213,10 @@ def _cross_field_errors(config: Config):
         )
 
 
-class _Loader(yaml.SafeLoader):
-    """safe_load, but ``1e-3`` is a float (YAML 1.2) rather than the string PyYAML makes."""
-
-
-class _Dumper(yaml.SafeDumper):
-    """Quotes strings such as ``'1e-3'`` that ``_Loader`` would read back as floats."""
-
-
-def _mapping_without_duplicates(loader, node, deep=False):
-    """PyYAML keeps the last of two equal keys; a config with both is a mistake."""
-    seen: dict = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if isinstance(key, typing.Hashable) and key in seen:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"duplicate key {key!r} (first at line {seen[key] + 1})",
-                key_node.start_mark,
-            )
-        if isinstance(key, typing.Hashable):
-            seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-for _cls in (_Loader, _Dumper):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
-
-
 def _parse_yaml(text: str, source: str):
     try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
-    except yaml.YAMLError as err:
+        return _yaml.load(text)
+    except _yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
@@ -302,7 +226,7 @@ def _parse_yaml(text: str, source: str):
 def _show(value) -> str:
     """A value as the user wrote it, one line, truncated."""
     if value is None or isinstance(value, bool):
-        return yaml.safe_dump(value).split("\n")[0]
+        return _yaml.scalar(value)
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -478,7 +402,7 @@ def load_config(path, overrides: Sequence[str] = ()) -> Config:
 def dump_config(config: Config) -> str:
     """``config`` as YAML that load_config reads back: every key (name, model, task, optim,
     train), resolved, with no ``base`` (what a run directory keeps as its config.yaml)."""
-    text = yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    text = _yaml.dump(to_dict(config))
     return f"# resolved config of run {config.name!r}, written by jaxattn\n{text}"
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 
 import jax
@@ -30,7 +31,26 @@ import numpy as np
 
 from jaxattn.train.rundir import RunError
 
-__all__ = ["agree", "check_same", "coordinator_named", "gather", "initialize", "is_writer"]
+__all__ = [
+    "agree",
+    "check_same",
+    "coordinator_named",
+    "gather",
+    "initialize",
+    "is_host_port",
+    "is_writer",
+    "open_agreed",
+]
+
+
+def is_host_port(v: str) -> bool:
+    """``host:port``: a name or IPv4 address, or an IPv6 address in brackets, and a port."""
+    host, _, port = v.rpartition(":")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return False
+    if host.startswith("["):
+        return bool(re.fullmatch(r"\[[0-9A-Fa-f:.]+\]", host))
+    return bool(re.fullmatch(r"[A-Za-z0-9.-]+", host))
 
 
 def _setting(value, variable: str, convert=str):
@@ -89,8 +109,6 @@ def initialize(mesh) -> bool:
         return jax.process_count() > 1
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
-    from jaxattn.train.config import is_host_port
-
     if not is_host_port(coordinator):  # the config key is checked where it is loaded
         raise RunError(
             f"JAX_COORDINATOR_ADDRESS={coordinator!r} is not host:port with a port in "
@@ -153,3 +171,23 @@ def gather(tree):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def open_agreed(open_dir):
+    """``open_dir()``, and on several processes every process learns whether all of them
+    opened theirs: one that cannot (process 0's run directory refused, say) makes all
+    raise, rather than leaving the others waiting at the first collective."""
+    failure = None
+    try:
+        run = open_dir()
+    except RunError as err:
+        failure = err
+    if agree(0 if failure is None else 1):
+        if failure is not None:
+            raise failure
+        run.close()
+        raise RunError(
+            f"another process of the run could not open its directory (see its output); "
+            f"process {jax.process_index()} stops too"
+        )
+    return run

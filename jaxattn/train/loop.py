@@ -240,7 +240,7 @@ def _run(
     mesh = _mesh(config)  # before the run directory exists: a refusal leaves nothing
     with (
         _StopSignals() as stop,
-        _open_agreed(
+        distributed.open_agreed(
             lambda: open_run_dir(
                 run_dir_for(config),
                 resume=resume,
@@ -298,26 +298,6 @@ def _follow(config: Config, start: float, log) -> TrainResult:
             ) from None
     log(f"process {jax.process_index()} of {jax.process_count()}: done; process 0 wrote the run")
     return dataclasses.replace(result, run_dir=run_dir_for(config))
-
-
-def _open_agreed(open_dir) -> RunDir:
-    """``open_dir()``, and on several processes every process learns whether all of them
-    opened theirs: one that cannot (process 0's run directory refused, say) makes all
-    raise, rather than leaving the others waiting at the first collective."""
-    failure = None
-    try:
-        run = open_dir()
-    except RunError as err:
-        failure = err
-    if distributed.agree(0 if failure is None else 1):
-        if failure is not None:
-            raise failure
-        run.close()
-        raise RunError(
-            f"another process of the run could not open its directory (see its output); "
-            f"process {jax.process_index()} stops too"
-        )
-    return run
 
 
 def _draw_pictures(run_dir: Path, log) -> None:

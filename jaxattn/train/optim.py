@@ -11,17 +11,15 @@ arguments a caller passes them directly (shapes, step counts, fractions).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import optax
 
-if TYPE_CHECKING:  # the config imports this module for SCHEDULES
-    from jaxattn.train.config import OptimConfig
-
 __all__ = [
     "SCHEDULES",
+    "OptimConfig",
     "cross_entropy",
     "make_optimizer",
     "make_schedule",
@@ -31,6 +29,21 @@ __all__ = [
     "warmup_cosine_schedule",
     "warmup_rsqrt_schedule",
 ]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 3e-3  # peak learning rate (noam: multiplier of its formula)
+    schedule: str = "warmup_cosine"  # noam | warmup_cosine | warmup_rsqrt | warmup_constant
+    warmup_steps: int = 100  # linear warmup length
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.98  # Adam beta2
+    eps: float = 1e-9  # Adam epsilon
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    clip_norm: float | None = 1.0  # global gradient-norm clip (None = off)
+    label_smoothing: float = 0.1  # optax smooth_labels alpha
+    accumulate_steps: int = 1  # micro-batches per update (optax.MultiSteps)
+
 
 # --------------------------------------------------------------------------------------------
 # Loss and accuracy

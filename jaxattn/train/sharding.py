@@ -17,17 +17,19 @@ holds for every model. One device is a 1 x 1 x 1 mesh: nothing to set.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxattn.nn.layers import BATCH_AXES, HEAD_AXIS
+from jaxattn.nn.axes import BATCH_AXES, MESH_AXES
 
 __all__ = [
     "AXES",
     "BATCH",
+    "MeshConfig",
     "MeshError",
     "batch_sharding",
     "check_batch",
@@ -37,7 +39,18 @@ __all__ = [
     "shardings_of",
 ]
 
-AXES = (*BATCH_AXES, HEAD_AXIS)  # ("data", "fsdp", "tensor"), named where attention reads them
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # devices the batch is split over (-1: all the others leave)
+    fsdp: int = 1  # devices the batch and the weights' model width are split over
+    tensor: int = 1  # devices the heads, the feed-forward width and the vocabulary are split over
+    coordinator: str | None = None  # host:port of process 0 (None: JAX_COORDINATOR_ADDRESS)
+    num_processes: int | None = None  # processes of the run (None: JAX_NUM_PROCESSES)
+    process_id: int | None = None  # this process's index (None: JAX_PROCESS_ID)
+
+
+AXES = MESH_AXES  # ("data", "fsdp", "tensor"): jaxattn.nn.axes, which attention reads too
 BATCH = BATCH_AXES  # the mesh axes a batch's first dimension is split over
 
 # (module name, leaf name) -> the mesh axis of each dim of that leaf. Kernels are [in, out].

@@ -28,13 +28,11 @@ the task names from :data:`TASKS`), not here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-if TYPE_CHECKING:  # the config imports this module for TASKS
-    from jaxattn.train.config import TaskConfig
 
 __all__ = [
     "BOS",
@@ -43,6 +41,7 @@ __all__ = [
     "SEP",
     "TASKS",
     "Batch",
+    "TaskConfig",
     "answer_length",
     "eval_batch",
     "make_batch",
@@ -51,6 +50,17 @@ __all__ = [
     "sequence_length",
     "token_label",
 ]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "copy"  # copy | reverse | sort | next_token
+    length: int = 10  # L, symbols per sequence
+    vocab_size: int = 16  # PAD=0, BOS=1, SEP=2, symbols 3..vocab_size-1
+    batch_size: int = 64  # training sequences per step
+    eval_size: int = 1000  # held-out sequences for exact-match
+    eval_seed: int = 1_000_003  # held-out set seed, never used for training batches
+
 
 PAD, BOS, SEP, FIRST_SYMBOL = 0, 1, 2, 3
 

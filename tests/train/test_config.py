@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jaxattn.nn.layers import ACTIVATIONS, NORMS, POSITIONS
+from jaxattn.nn.config import ACTIVATIONS, NORMS, POSITIONS
 from jaxattn.train import optim, tasks
 from jaxattn.train.config import (
     Config,

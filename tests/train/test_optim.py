@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxattn.train import optim
-from jaxattn.train.config import OptimConfig
+from jaxattn.train.optim import OptimConfig
 
 # --------------------------------------------------------------------------------------------
 # Cross-entropy and accuracy

@@ -17,8 +17,8 @@ from flax import nnx
 
 from jaxattn.nn.decoding import generate
 from jaxattn.train import tasks
-from jaxattn.train.load import load_run
 from jaxattn.train.config import load_config
+from jaxattn.train.load import load_run
 from jaxattn.train.loop import train
 from jaxattn.train.optim import make_optimizer
 from jaxattn.train.rundir import MARK, RunError

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxattn.train import tasks
-from jaxattn.train.config import TaskConfig
+from jaxattn.train.tasks import TaskConfig
 
 L, V, B = 5, 9, 32
 
