@@ -11,82 +11,9 @@ that is not a run is never written to. Every failure is one line on stderr:
   the line says how to resume.
 """
 
-from __future__ import annotations
-
-import shlex
-import signal
 import sys
 
-# Overrides that make a run span several processes: a resume runs on one host.
-_PROCESSES = ("mesh.coordinator=", "mesh.num_processes=", "mesh.process_id=")
-
-
-def _resume_command(argv: list[str], several: bool = False) -> str:
-    """The command line that continues this run, as the user started it (same directory);
-    for a run over several processes, on one host (its checkpoints hold whole arrays)."""
-    script = sys.argv[0] if sys.argv[0].endswith("train.py") else "train.py"
-    args = [a for a in argv if a not in ("--resume", "--overwrite")]
-    if several:
-        args = [a for a in args if not a.startswith(_PROCESSES)]
-        args += ["mesh.coordinator=null", "mesh.num_processes=null", "mesh.process_id=null"]
-    command = shlex.join(["python", script, *args, "--resume"])
-    return f"{command} (on one host, JAX_COORDINATOR_ADDRESS unset)" if several else command
-
-
-def main(argv=None) -> int:
-    from jaxattn._cli import OneLineParser
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = OneLineParser(
-        allow_abbrev=False,  # "--over" would survive into the printed resume command
-        description="Train a TinyDecoder on a synthetic sequence task.",
-        epilog="example: python train.py --config configs/tiny.yaml train.steps=500",
-    )
-    parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config file")
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument(
-        "--resume", action="store_true", help="continue the run in the run directory"
-    )
-    again.add_argument(
-        "--overwrite", action="store_true", help="replace the run in the run directory"
-    )
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_intermixed_args(argv)  # flags may come between overrides
-
-    try:
-        from jaxattn.train.config import ConfigError, load_config
-
-        try:
-            config = load_config(args.config, args.overrides)
-        except ConfigError as err:
-            print(f"train.py: config error: {err}", file=sys.stderr)
-            return 2
-
-        from jaxattn.train._orbax_errors import silence_for_exit
-        from jaxattn.train.loop import TrainingInterrupted, train
-        from jaxattn.train.rundir import RunError
-
-        try:
-            result = train(config, resume=args.resume, overwrite=args.overwrite)
-        except RunError as err:
-            print(f"train.py: {err}", file=sys.stderr)
-            silence_for_exit()
-            return 2
-        except TrainingInterrupted as stop:
-            import jax
-
-            several = jax.process_count() > 1
-            print(
-                f"train.py: {stop}; resume with: {_resume_command(argv, several)}",
-                file=sys.stderr,
-            )
-            return 128 + stop.signum
-        print(f"run directory: {result.run_dir}")
-    except KeyboardInterrupt:  # outside training's handlers: before it, or once it is done
-        print("train.py: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
-    return 0
-
+from jaxattn.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxattn.train.checkpoints import Checkpoints, model_spec
 from jaxattn.train.config import ConfigError, load_config
-from jaxattn.train.rundir import MARK, RunError
+from jaxattn.train.rundir import RunDir, RunError
 from jaxattn.train.steps import abstract_model
 
 __all__ = ["load_run"]
@@ -34,14 +34,18 @@ def load_run(run_dir, *, step="best"):
     if not run_dir.is_dir():
         what = "not a directory" if run_dir.exists() else "no such directory"
         raise RunError(f"{run_dir} is not a run directory ({what})")
-    config_path = run_dir / "config.yaml"
-    if not (run_dir / MARK).is_file() or not config_path.is_file():
-        raise RunError(f"{run_dir} is not a run directory of jaxattn (no {MARK} or config.yaml)")
+    run = RunDir(run_dir)
+    config_path = run.config
+    if not run.mark.is_file() or not config_path.is_file():
+        raise RunError(
+            f"{run_dir} is not a run directory of jaxattn (no {run.mark.name} or "
+            f"{config_path.name})"
+        )
     try:
         config = load_config(config_path)
     except ConfigError as err:
         raise RunError.about(config_path, err) from None
-    with Checkpoints(run_dir / "checkpoints", read_only=True) as ckpts:
+    with Checkpoints(run.checkpoints, read_only=True) as ckpts:
         steps = ckpts.steps()
         if not steps:
             raise RunError(f"{run_dir} has no complete checkpoint yet")

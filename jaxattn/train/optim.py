@@ -24,6 +24,7 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "noam_schedule",
+    "schedule_count",
     "token_accuracy",
     "warmup_constant_schedule",
     "warmup_cosine_schedule",
@@ -237,19 +238,17 @@ SCHEDULES = tuple(_SCHEDULE_BUILDERS)
 # Optimizer
 
 
-def make_optimizer(
-    optim: OptimConfig, *, d_model: int, total_steps: int
-) -> optax.GradientTransformation:
-    """AdamW on the configured schedule, after optional global-norm clipping.
+def make_optimizer(optim: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW on ``schedule`` (:func:`make_schedule`), after optional global-norm clipping.
 
     ``chain(clip_by_global_norm(clip_norm) or identity, adamw(schedule, b1, b2, eps,
     weight_decay))``; with ``accumulate_steps = k > 1`` it is wrapped in
     ``optax.MultiSteps(every_k_schedule=k)``, which averages the gradients of ``k``
     consecutive ``update`` calls, returns zero updates on the first ``k - 1`` and applies
     the inner optimizer on the ``k``-th (so the schedule advances once per ``k`` calls).
-    ``total_steps`` counts optimizer updates, as in :func:`make_schedule`.
+    The schedule is taken, not built, so that the rate a run logs is computed by the very
+    function the optimizer applies (:func:`schedule_count`).
     """
-    schedule = make_schedule(optim, d_model=d_model, total_steps=total_steps)
     clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity()
     tx = optax.chain(
         clip,
@@ -265,3 +264,21 @@ def make_optimizer(
         # .gradient_transformation() so callers get the same (init, update) type either way.
         tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate_steps).gradient_transformation()
     return tx
+
+
+def schedule_count(opt_state) -> jax.Array:
+    """The count at which the optimizer evaluates its schedule for its next update: the
+    ``count`` of the (one) ``optax.ScaleByScheduleState`` in ``opt_state``. It advances
+    only when an update is applied (once per ``accumulate_steps`` micro-batches, never for
+    a step skipped as non-finite), so ``schedule(schedule_count(state))`` is the rate the
+    next applied update uses."""
+    found = [
+        s.count
+        for s in jax.tree.leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
+        )
+        if isinstance(s, optax.ScaleByScheduleState)
+    ]
+    if len(found) != 1:
+        raise ValueError(f"opt_state must hold one scheduled learning rate, found {len(found)}")
+    return found[0]

@@ -44,10 +44,11 @@ __all__ = [
 
 MARK = ".jaxattn-run"  # the file that says "this directory is a jaxattn run"
 CHECKPOINTS = "checkpoints"
+CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
+PICTURES = ("attention.png", "curves.png")  # what jaxattn.train.pictures.draw_run writes
 # What a run writes into its directory, and all that --overwrite deletes. Anything else a
 # user put there (notes, pictures drawn elsewhere) stays.
-PICTURES = ("attention.png", "curves.png")  # what jaxattn.viz.draw_run writes into a run
-OWNED = (CHECKPOINTS, "config.yaml", "metrics.jsonl", "summary.json", *PICTURES)
+OWNED = (CHECKPOINTS, CONFIG, METRICS, SUMMARY, *PICTURES)
 
 
 class RunError(Exception):
@@ -92,19 +93,44 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class RunDir:
-    """An open run directory: its path, whether it held a run before, and its lock.
+    """A run directory: its path and the names of the files a run keeps there, and, when
+    opened by :func:`open_run_dir`, whether it held a run before and its lock.
 
-    Use as a context manager (or call :meth:`close`) to release the lock.
+    ``RunDir(path)`` names the files of a run without opening it (reading a trained run).
+    Use an opened one as a context manager (or call :meth:`close`) to release the lock.
     """
 
-    def __init__(self, path: Path, existed: bool, lock_file):
-        self.path = path
+    def __init__(self, path, existed: bool = False, lock_file=None):
+        self.path = Path(path)
         self.existed = existed  # an earlier run of ours was there (resumed or replaced)
         self._lock_file = lock_file
 
     @property
+    def mark(self) -> Path:
+        return self.path / MARK
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
+
+    @property
+    def config(self) -> Path:
+        """The run's resolved config (what resuming and loading compare against)."""
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON record per held-out evaluation."""
+        return self.path / METRICS
+
+    @property
+    def summary(self) -> Path:
+        """Written when the run finishes: its steps, result and time."""
+        return self.path / SUMMARY
+
+    @property
+    def pictures(self) -> tuple[Path, ...]:
+        return tuple(self.path / name for name in PICTURES)
 
     def close(self) -> None:
         if self._lock_file is not None:

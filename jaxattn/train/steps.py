@@ -3,7 +3,9 @@
 Data flow: a step key -> ``tasks.make_batch`` on device -> ``TinyDecoder`` -> loss ->
 gradients -> Optax update, ``steps_per_call`` of them in one jitted ``lax.scan`` with the
 parameter and optimizer buffers donated, so Python runs once per chunk, not once per step.
-The loop around them (run directory, checkpoints, resume, signals) is ``jaxattn.train.loop``.
+What a run builds from its config (schedule, optimizer, abstract state, shardings, these
+programs) is built once, by :func:`jaxattn.train.plan.make_plan`; the functions here take
+those objects and never derive them again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from jaxattn.nn import decoding
 from jaxattn.nn.model import TinyDecoder
 from jaxattn.train import sharding, tasks
 from jaxattn.train.config import Config
-from jaxattn.train.optim import cross_entropy, make_schedule, token_accuracy
+from jaxattn.train.optim import cross_entropy, schedule_count, token_accuracy
 
 
 def build_model(config: Config, seed: int | None = None) -> TinyDecoder:
@@ -44,28 +46,34 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransformation, mesh=None):
+def make_train_chunk(
+    config: Config,
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    mesh=None,
+    shardings=None,
+):
     """A jitted ``(params, opt_state, base_key, start_step, n) -> (params, opt_state, metrics)``.
 
     Runs ``n`` (static) steps in a ``lax.scan``; step ``i`` draws its batch and dropout keys
     from ``fold_in(base_key, i)``, so a run is reproducible from its seed whatever the chunk
     size. ``params`` and ``opt_state`` are donated. On a ``mesh``
     (:mod:`jaxattn.train.sharding`) each batch is split over data and fsdp, and the new
-    parameters and optimizer state keep the shardings of the rules. Metrics are per-step
-    arrays ``[n]``:
-    ``loss``, ``accuracy``, ``lr`` and ``nonfinite`` (bool: the loss or a gradient is not
-    finite).
+    parameters and optimizer state keep ``shardings`` (``(params, opt_state)``
+    NamedShardings, from the rules). Metrics are per-step arrays ``[n]``: ``loss``,
+    ``accuracy``, ``lr`` and ``nonfinite`` (bool: the loss or a gradient is not finite).
+
+    ``lr`` is ``schedule`` (the one ``optimizer`` was built on) at the optimizer's own
+    update count before the step (:func:`jaxattn.train.optim.schedule_count`): the rate of
+    the update this step's gradient goes into, whatever the accumulation or skipped steps.
 
     With ``train.on_nonfinite=skip`` such a step leaves the parameters and optimizer state
     as they were; with ``stop`` its update is applied and the caller stops there, never
     saving that state.
     """
     task, smoothing = config.task, config.optim.label_smoothing
-    schedule = make_schedule(
-        config.optim, d_model=config.model.d_model, total_steps=config.train.steps
-    )
-    accumulate = config.optim.accumulate_steps
-
     use_dropout = bool(config.model.dropout or config.model.attention_dropout)
     skip_nonfinite = config.train.on_nonfinite == "skip"
 
@@ -86,6 +94,7 @@ def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransfor
             (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 params, graphdef, batch, dropout_key if use_dropout else None, smoothing
             )
+            lr = schedule(schedule_count(opt_state))  # before the update: the rate it uses
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -96,7 +105,6 @@ def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransfor
                     (new_params, new_opt_state),
                     (params, opt_state),
                 )
-            lr = schedule(step // accumulate)
             metrics = {"loss": loss, "accuracy": acc, "lr": lr, "nonfinite": ~finite}
             return (new_params, new_opt_state), metrics
 
@@ -106,12 +114,11 @@ def make_train_chunk(config: Config, graphdef, optimizer: optax.GradientTransfor
 
     if mesh is None:
         return jax.jit(chunk, static_argnums=(4,), donate_argnums=(0, 1))
-    params_sh, opt_sh = state_shardings(config, optimizer, mesh)
     return jax.jit(
         chunk,
         static_argnums=(4,),
         donate_argnums=(0, 1),
-        out_shardings=(params_sh, opt_sh, sharding.replicated(mesh)),
+        out_shardings=(*shardings, sharding.replicated(mesh)),
     )
 
 
@@ -129,12 +136,17 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
     check that both agree).
     """
     task = config.task
-    batch = jax.jit(tasks.eval_batch, static_argnums=0)(task)
     prompt_len, answer_len = tasks.prompt_length(task), tasks.answer_length(task)
     first = prompt_len - 1  # index in `targets` of the first answer token
+    held_out = []  # the held-out batch, drawn at the first evaluation (building compiles nothing)
+
+    def evaluate(params):
+        if not held_out:
+            held_out.append(jax.jit(tasks.eval_batch, static_argnums=0)(task))
+        return run(params, held_out[0])
 
     @jax.jit
-    def evaluate(params):
+    def run(params, batch):
         model = nnx.merge(graphdef, params)
         logits = model(batch.inputs)
         loss = cross_entropy(logits, batch.targets, batch.loss_mask, 0.0)
@@ -163,11 +175,9 @@ def abstract_model(config: Config):
     return nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
 
 
-def state_shardings(config: Config, optimizer: optax.GradientTransformation, mesh):
-    """The NamedShardings of the parameters and of the optimizer state on ``mesh``, by
-    :mod:`jaxattn.train.sharding`'s rules (shapes only: nothing is computed)."""
-    _, params = abstract_model(config)
-    opt_state = jax.eval_shape(optimizer.init, params)
+def state_shardings(config: Config, params, opt_state, mesh):
+    """The NamedShardings ``(params, opt_state)`` on ``mesh`` of the abstract ``params`` and
+    ``opt_state`` (shapes only), by :mod:`jaxattn.train.sharding`'s rules."""
     head_dim = config.model.d_model // config.model.num_heads
     return (
         sharding.shardings_of(params, mesh, head_dim=head_dim),
@@ -175,15 +185,14 @@ def state_shardings(config: Config, optimizer: optax.GradientTransformation, mes
     )
 
 
-def init_state(config: Config, optimizer: optax.GradientTransformation, mesh=None):
-    """``(graphdef, params, opt_state)``, initialised in one compiled call: eager NNX
-    initialisation dispatches (and compiles) every small op one by one, seconds on CPU.
-    On a ``mesh`` every array is created in its shard (never whole on one device)."""
-    graphdef, _ = abstract_model(config)
+def init_state(config: Config, optimizer: optax.GradientTransformation, shardings=None):
+    """``(params, opt_state)``, initialised in one compiled call: eager NNX initialisation
+    dispatches (and compiles) every small op one by one, seconds on CPU. With
+    ``shardings`` (:func:`state_shardings`) every array is created in its shard (never whole
+    on one device)."""
 
     def init():
         params = nnx.split(build_model(config), nnx.Param)[1]
         return params, optimizer.init(params)
 
-    shardings = None if mesh is None else state_shardings(config, optimizer, mesh)
-    return (graphdef, *jax.jit(init, out_shardings=shardings)())
+    return jax.jit(init, out_shardings=shardings)()

@@ -1,4 +1,4 @@
-"""Answer prompts with a trained run: ``python -m jaxattn.generate --run runs/tiny
+"""Answer prompts with a trained run: ``python -m jaxattn.commands.generate --run runs/tiny
 --prompt "3 4 5 6 7 8 9 10 11 12"``.
 
 The prompt is the task's symbols (ids ``3 .. vocab_size - 1``); the command wraps them in the
@@ -16,6 +16,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+from jaxattn.commands._ending import OneLineParser, run_command, step_argument
 
 __all__ = ["main", "parse_prompt", "read_prompts"]
 
@@ -158,12 +160,13 @@ def _float_in(low: float, high: float, *, low_open: bool = False):
 
 
 def main(argv=None) -> int:
-    from jaxattn._cli import OneLineParser, step_argument
-
     parser = OneLineParser(
-        prog="python -m jaxattn.generate",
+        prog="python -m jaxattn.commands.generate",
         description="Answer prompts with a trained run (greedy unless --temperature > 0).",
-        epilog='example: python -m jaxattn.generate --run runs/tiny --prompt "3 4 5 6 7 8 9"',
+        epilog=(
+            "example: python -m jaxattn.commands.generate --run runs/tiny "
+            '--prompt "3 4 5 6 7 8 9 10 11 12"'
+        ),
     )
     parser.add_argument("--run", required=True, help="a run directory written by train.py")
     given = parser.add_mutually_exclusive_group(required=True)
@@ -196,29 +199,15 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     args.step = step_argument(args.step)
-    silence_for_exit = None
-    try:
-        from jaxattn.train._orbax_errors import silence_for_exit
 
+    def run() -> None:
         lines = _answer(args)
-    except KeyboardInterrupt:  # first: it may come before RunError is even imported
-        print("jaxattn.generate: interrupted", file=sys.stderr)
-        if silence_for_exit is not None:
-            silence_for_exit()
-        return 130
-    except Exception as err:
-        from jaxattn.train.rundir import RunError
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
 
-        if not isinstance(err, (RunError, ValueError)):
-            raise
-        print(f"jaxattn.generate: {err}", file=sys.stderr)
-        silence_for_exit()
-        return 2
-    try:
-        print("\n".join(lines), flush=True)
-    except BrokenPipeError:  # `| head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
-    return 0
+    return run_command("jaxattn.commands.generate", run)
 
 
 if __name__ == "__main__":

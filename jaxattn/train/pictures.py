@@ -1,5 +1,6 @@
-"""Pictures: attention heatmaps of a decoder and training curves. Needs matplotlib
-(``pip install jaxattn[viz]``); it is imported only when a picture is drawn."""
+"""Pictures of a run: attention heatmaps of the trained decoder and training curves. Needs
+matplotlib (``pip install jaxattn[viz]``); it is imported only when a picture is drawn. The
+trainer draws them at the end of a run; ``python -m jaxattn.commands.viz`` draws them again."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ import contextlib
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from jaxattn.train.rundir import PICTURES, RunError, describe_os_error
+from jaxattn.train.rundir import RunDir, RunError, describe_os_error
 
 
 def _pyplot():
@@ -215,67 +215,25 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
     from jaxattn.train import tasks
     from jaxattn.train.load import load_run
 
-    run_dir = Path(run_dir).expanduser()
-    out_dir = run_dir if out_dir is None else Path(out_dir).expanduser()
-    model, config = load_run(run_dir, step=step)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    run = RunDir(Path(run_dir).expanduser())
+    out = RunDir(run.path if out_dir is None else Path(out_dir).expanduser())
+    model, config = load_run(run.path, step=step)
+    records = read_metrics(run.metrics)
     batch = tasks.eval_batch(config.task)
     if not 0 <= example < batch.inputs.shape[0]:
         raise ValueError(f"example must be in [0, {batch.inputs.shape[0]}), got {example}")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out.path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunError.writing(out_dir, err) from None
-    for name in PICTURES:  # both writable before either is drawn
-        if (out_dir / name).is_dir():
-            raise RunError(f"cannot write {out_dir / name}: it is a directory")
+        raise RunError.writing(out.path, err) from None
+    for path in out.pictures:  # both writable before either is drawn
+        if path.is_dir():
+            raise RunError(f"cannot write {path}: it is a directory")
     tokens = batch.inputs[example : example + 1]
     _, weights = model(tokens, return_attention=True)  # [L, 1, N, T, T]
     title = f"{config.name}: {config.task.name}, held-out sequence {example}"
-    paths = [plot_attention(weights[:, 0], tokens[0], out_dir / "attention.png", title=title)]
-    paths.append(
-        plot_training_curves(
-            records, out_dir / "curves.png", label_smoothing=config.optim.label_smoothing
-        )
-    )
-    return paths
-
-
-def main(argv=None) -> int:
-    from jaxattn._cli import OneLineParser
-
-    parser = OneLineParser(
-        prog="python -m jaxattn.viz",
-        description="Draw attention heatmaps and training curves of a finished run.",
-    )
-    parser.add_argument("run_dir", help="a run directory written by train.py, e.g. runs/tiny")
-    parser.add_argument("--example", type=int, default=0, help="held-out sequence to show")
-    parser.add_argument("--out", default=None, help="directory for the pictures (default: run)")
-    parser.add_argument(
-        "--step", default="best", help="checkpoint to draw: best (default), latest or a step"
-    )
-    args = parser.parse_args(argv)
-    silence_for_exit = None
-    try:
-        from jaxattn._cli import step_argument
-        from jaxattn.train._orbax_errors import silence_for_exit
-
-        step = step_argument(args.step)
-        paths = draw_run(args.run_dir, example=args.example, out_dir=args.out, step=step)
-    except (RunError, ValueError, ImportError) as err:
-        print(f"jaxattn.viz: {err}", file=sys.stderr)
-        if silence_for_exit is not None:
-            silence_for_exit()
-        return 2
-    except KeyboardInterrupt:  # pictures are written whole or not at all
-        print("jaxattn.viz: interrupted", file=sys.stderr)
-        if silence_for_exit is not None:
-            silence_for_exit()
-        return 130
-    for path in paths:
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    attention, curves = out.pictures
+    return [
+        plot_attention(weights[:, 0], tokens[0], attention, title=title),
+        plot_training_curves(records, curves, label_smoothing=config.optim.label_smoothing),
+    ]

@@ -1,0 +1,73 @@
+"""The ``train.py`` command: config file + overrides -> :func:`jaxattn.train.train`.
+
+Train a TinyDecoder on a synthetic task: ``python train.py --config configs/tiny.yaml``.
+
+Overrides follow the config file as ``key.sub=value``, e.g. ``train.steps=500``. The run
+directory (``train.run_dir``, default ``runs/<name>``) is created and marked as a run; an
+existing run is continued with ``--resume`` or replaced with ``--overwrite``, and a path
+that is not a run is never written to. Every failure is one line on stderr:
+
+- exit 2: a bad config, a run directory refused or unwritable, a checkpoint that cannot be
+  read or saved, a non-finite loss;
+- exit 130 / 143: SIGINT / SIGTERM; the current chunk finishes, a checkpoint is saved, and
+  the line says how to resume.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from jaxattn.commands._ending import OneLineParser, run_command
+
+# Overrides that make a run span several processes: a resume runs on one host.
+_PROCESSES = ("mesh.coordinator=", "mesh.num_processes=", "mesh.process_id=")
+
+
+def _resume_command(argv: list[str], several: bool = False) -> str:
+    """The command line that continues this run, as the user started it (same directory);
+    for a run over several processes, on one host (its checkpoints hold whole arrays)."""
+    script = sys.argv[0] if sys.argv[0].endswith("train.py") else "train.py"
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    if several:
+        args = [a for a in args if not a.startswith(_PROCESSES)]
+        args += ["mesh.coordinator=null", "mesh.num_processes=null", "mesh.process_id=null"]
+    command = shlex.join(["python", script, *args, "--resume"])
+    return f"{command} (on one host, JAX_COORDINATOR_ADDRESS unset)" if several else command
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = OneLineParser(
+        allow_abbrev=False,  # "--over" would survive into the printed resume command
+        description="Train a TinyDecoder on a synthetic sequence task.",
+        epilog="example: python train.py --config configs/tiny.yaml train.steps=500",
+    )
+    parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config file")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="continue the run in the run directory"
+    )
+    again.add_argument(
+        "--overwrite", action="store_true", help="replace the run in the run directory"
+    )
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_intermixed_args(argv)  # flags may come between overrides
+
+    def run() -> None:
+        from jaxattn.train.config import load_config
+        from jaxattn.train.loop import TrainingInterrupted, train
+
+        config = load_config(args.config, args.overrides)
+        try:
+            result = train(config, resume=args.resume, overwrite=args.overwrite)
+        except TrainingInterrupted as stop:
+            import jax
+
+            command = _resume_command(argv, several=jax.process_count() > 1)
+            raise TrainingInterrupted(
+                stop.signum, stop.step, stop.run_dir, stop.saved, resume=command
+            ) from None
+        print(f"run directory: {result.run_dir}")
+
+    return run_command("train.py", run)

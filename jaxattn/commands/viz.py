@@ -1,0 +1,42 @@
+"""Draw a run's pictures again: ``python -m jaxattn.commands.viz runs/tiny [--step N]``.
+
+Attention heatmaps of one held-out sequence and the training curves
+(:func:`jaxattn.train.pictures.draw_run`), for any checkpoint of a run, finished or not.
+Every failure is one line on stderr and exit status 2 (130 on Ctrl-C); pictures are
+written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jaxattn.commands._ending import OneLineParser, run_command, step_argument
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(
+        prog="python -m jaxattn.commands.viz",
+        description="Draw attention heatmaps and training curves of a finished run.",
+    )
+    parser.add_argument("run_dir", help="a run directory written by train.py, e.g. runs/tiny")
+    parser.add_argument("--example", type=int, default=0, help="held-out sequence to show")
+    parser.add_argument("--out", default=None, help="directory for the pictures (default: run)")
+    parser.add_argument(
+        "--step", default="best", help="checkpoint to draw: best (default), latest or a step"
+    )
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        from jaxattn.train.pictures import draw_run
+
+        step = step_argument(args.step)
+        for path in draw_run(args.run_dir, example=args.example, out_dir=args.out, step=step):
+            print(path)
+
+    return run_command("jaxattn.commands.viz", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
