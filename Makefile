@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the layers in pyproject.toml: commands -> train -> nn -> kernels
 
 format: venv
 	$(BIN)/ruff format .
