@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +79,12 @@ def machine() -> str:
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run a benchmark's ``main``; Ctrl-C ends it with one line and exit 130, the table rows
-    printed so far standing (nothing is written to disk)."""
-    try:
+    """Run a benchmark's ``main`` and end as every jaxattn command does
+    (:func:`jaxattn.commands._ending.run_command`): Ctrl-C is one line and exit 130, the
+    table rows printed so far standing (nothing is written to disk)."""
+    from jaxattn.commands._ending import run_command
+
+    def body() -> None:
         main()
-    except KeyboardInterrupt:
-        print("\ninterrupted: the rows above are complete, the rest was not measured")
-        sys.exit(130)
+
+    sys.exit(run_command(Path(sys.argv[0]).name, body))

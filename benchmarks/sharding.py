@@ -59,8 +59,8 @@ from common import block, machine, run_main, time_interleaved  # noqa: E402
 
 from jaxattn.train import sharding, tasks  # noqa: E402
 from jaxattn.train.config import load_config  # noqa: E402
-from jaxattn.train.optim import make_optimizer  # noqa: E402
-from jaxattn.train.steps import init_state, loss_fn, make_train_chunk  # noqa: E402
+from jaxattn.train.plan import make_plan  # noqa: E402
+from jaxattn.train.steps import loss_fn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = ["model.d_model=256", "model.num_layers=4", "model.d_ff=1024"]
@@ -87,15 +87,13 @@ def build(mesh_sizes, overrides):
     """The case's chunk, state and a runner that keeps the donated state flowing."""
     model = WIDE if ARGS.model == "wide" else []
     config = load_config(ROOT / "configs" / "tiny.yaml", [*model, *overrides])
-    optimizer = make_optimizer(
-        config.optim, d_model=config.model.d_model, total_steps=config.train.steps
-    )
     mesh = None
     if mesh_sizes is not None:
         n = int(np.prod(mesh_sizes))
         mesh = sharding.make_mesh(*mesh_sizes, devices=jax.devices()[:n])
-    graphdef, params, opt_state = init_state(config, optimizer, mesh)
-    chunk = make_train_chunk(config, graphdef, optimizer, mesh)
+    plan = make_plan(config, mesh)
+    graphdef, chunk = plan.graphdef, plan.train_chunk
+    params, opt_state = plan.init_state()
     key = tasks.seed_key(0)
     compiled = chunk.lower(params, opt_state, key, 0, ARGS.steps).compile()
     memory = compiled.memory_analysis()

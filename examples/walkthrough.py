@@ -317,8 +317,8 @@ def training(out_dir: Path, run: Path | None = None):
     section("11. Training the tiny config: warmup, label smoothing, and what it learned")
     from jaxattn.train import load_config, load_run, train
     from jaxattn.train.optim import make_schedule
+    from jaxattn.train.pictures import draw_run
     from jaxattn.train.steps import build_model, updates
-    from jaxattn.viz import draw_run
 
     config = load_config(ROOT / "configs" / "tiny.yaml", ["train.progress=false"])
     o = config.optim

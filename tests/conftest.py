@@ -1,7 +1,14 @@
-"""Strict settings for the whole suite, and the float64 oracle every fast path is checked
-against (jaxattn.reference, the textbook formula)."""
+"""Strict settings for the whole suite, the float64 oracle every fast path is checked
+against (jaxattn.reference, the textbook formula), and what the trainer's tests share: the
+repository's root, the default config, the one short run they cut it to, and the README's
+trained tiny run.
+
+Tests that start Python processes (train.py, commands, several JAX processes) are marked
+``processes``: ``pytest -m "not processes"`` leaves them out (a quick pass)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +24,29 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # float64 reference, seen on an H200); the tolerances here are float32's, as on CPU and TPU.
 if jax.default_backend() == "gpu":
     jax.config.update("jax_default_matmul_precision", "highest")
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+TINY = ROOT / "configs" / "tiny.yaml"  # the default run
+# The short run the trainer's tests take: tiny.yaml cut to 20 steps, evaluated on 64
+# held-out sequences and checkpointed at steps 10 and 20, on a 1-layer model (it compiles
+# faster; nothing those tests check depends on depth), quiet. A test states what differs.
+SHORT_RUN = (
+    "train.progress=false",
+    "train.pictures=false",
+    "train.steps=20",
+    "train.eval_every=10",
+    "train.steps_per_call=10",
+    "task.eval_size=64",
+    "model.num_layers=1",
+)
+
+
+def short_config(run_dir, *overrides):
+    """``SHORT_RUN`` of tiny.yaml into ``run_dir``, then ``overrides``."""
+    from jaxattn.train.config import load_config
+
+    return load_config(TINY, [*SHORT_RUN, f"train.run_dir={run_dir}", *overrides])
+
 
 settings.register_profile(
     "jaxattn",
@@ -84,7 +114,6 @@ def trained_tiny(tmp_path_factory):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -95,17 +124,16 @@ def trained_tiny(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not log_file.exists():
             # The README's command itself (tests/train/test_steps.py checks what it prints).
-            root = Path(__file__).resolve().parents[1]
             result = subprocess.run(
                 [
                     sys.executable,
-                    str(root / "train.py"),
+                    str(ROOT / "train.py"),
                     "--config",
                     "configs/tiny.yaml",
                     f"train.run_dir={run_dir}",
                     "train.progress=false",
                 ],
-                cwd=root,
+                cwd=ROOT,
                 capture_output=True,
                 text=True,
                 timeout=600,

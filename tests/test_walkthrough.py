@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
+import pytest
+from conftest import ROOT
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
+@pytest.mark.processes
 def test_the_walkthrough_runs_and_says_what_the_docs_say(trained_tiny, tmp_path):
     run_dir, _ = trained_tiny  # trained once per test session; the script can train its own
     result = subprocess.run(

@@ -22,7 +22,7 @@ import jax
 from jaxattn.train import distributed
 from jaxattn.train.checkpoints import Checkpoints
 from jaxattn.train.config import Config, ConfigError, load_config, run_dir_for, to_dict
-from jaxattn.train.plan import make_plan
+from jaxattn.train.plan import make_plan, mesh_for
 from jaxattn.train.rundir import RunDir, RunError, open_run_dir
 from jaxattn.train.session import Session, TrainResult, config_difference
 from jaxattn.train.signals import StopSignals, TrainingInterrupted
@@ -75,7 +75,7 @@ def _run(
     directory, the state on the mesh, the session. ``writer=False`` is a follower process
     (:func:`_follow`): the same steps and collectives, in the order process 0 takes them,
     without checkpoints."""
-    plan = make_plan(config)  # the mesh too: a refusal here leaves nothing behind
+    plan = make_plan(config, mesh_for(config))  # before the directory: a refusal leaves nothing
     # Room for the kept checkpoints, one being written, and a margin: checked before the
     # run directory is created (each save checks again against the checkpoints' real size).
     needed = (config.train.keep_checkpoints + 2) * (plan.state_bytes + 2**18)

@@ -29,7 +29,7 @@ from jaxattn.train.steps import (
     updates,
 )
 
-__all__ = ["Plan", "make_plan"]
+__all__ = ["Plan", "make_plan", "mesh_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Plan:
         return nnx.to_pure_dict(self.params)
 
 
-def _mesh(config: Config):
+def mesh_for(config: Config):
     """The device mesh of ``config.mesh``, or None on one device. Raises RunError (one line)
     for a mesh these devices cannot make or a batch it cannot split."""
     m = config.mesh
@@ -76,16 +76,16 @@ def _mesh(config: Config):
     return mesh
 
 
-def make_plan(config: Config) -> Plan:
-    """Build a run's derived objects once. Shapes only: no parameter is created and nothing
-    is compiled yet (the programs compile at their first call)."""
+def make_plan(config: Config, mesh) -> Plan:
+    """Build a run's derived objects once, on ``mesh`` (:func:`mesh_for` the config's, or
+    None: one device). Shapes only: no parameter is created and nothing is compiled yet
+    (the programs compile at their first call)."""
     schedule = make_schedule(
         config.optim, d_model=config.model.d_model, total_steps=updates(config)
     )
     optimizer = make_optimizer(config.optim, schedule)
     graphdef, params = abstract_model(config)
     opt_state = jax.eval_shape(optimizer.init, params)
-    mesh = _mesh(config)
     shardings = None if mesh is None else state_shardings(config, params, opt_state, mesh)
     return Plan(
         config=config,

@@ -53,7 +53,7 @@ OWNED = (CHECKPOINTS, CONFIG, METRICS, SUMMARY, *PICTURES)
 
 class RunError(Exception):
     """A run directory or checkpoint problem; the message is one line naming the path, the
-    file or the key, and what to do. ``train.py`` and ``python -m jaxattn.viz`` print it and
+    file or the key, and what to do. The commands (:mod:`jaxattn.commands`) print it and
     exit with status 2."""
 
     def __init__(self, message: str):

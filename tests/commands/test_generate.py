@@ -1,4 +1,4 @@
-"""``python -m jaxattn.generate`` and cached generation on the trained tiny run."""
+"""``python -m jaxattn.commands.generate`` and cached generation on the trained tiny run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxattn.generate import main
+from jaxattn.commands.generate import main
 from jaxattn.nn.decoding import generate
 from jaxattn.train import load_run, tasks
 
@@ -36,17 +36,21 @@ def answers(capsys) -> list[list[int]]:
 def error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith(("jaxattn.generate: ", "python -m jaxattn.generate: "))
+    assert err[0].startswith(
+        ("jaxattn.commands.generate: ", "python -m jaxattn.commands.generate: ")
+    )
     assert "Traceback" not in err[0]
     return err[0]
 
 
+@pytest.mark.processes
 def test_the_readme_command_copies(tiny, capsys):
     run_dir, _, _ = tiny
     assert main(["--run", str(run_dir), "--prompt", "3 4 5 6 7 8 9 10 11 12"]) == 0
     assert answers(capsys) == [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
 
 
+@pytest.mark.processes
 def test_a_prompts_file_is_one_batch_of_answers(tiny, tmp_path, capsys):
     run_dir, _, config = tiny
     symbols = np.asarray(tasks.eval_batch(config.task).inputs[:6, 1 : config.task.length + 1])
@@ -57,6 +61,7 @@ def test_a_prompts_file_is_one_batch_of_answers(tiny, tmp_path, capsys):
     assert answers(capsys) == symbols.tolist()
 
 
+@pytest.mark.processes
 def test_sampling_flags_are_reproducible(tiny, capsys):
     run_dir, _, _ = tiny
     argv = ["--run", str(run_dir), "--prompt", "3 4 5 6 7 8 9 10 11 12", "--temperature", "5"]
@@ -67,6 +72,7 @@ def test_sampling_flags_are_reproducible(tiny, capsys):
     assert runs[0] == runs[1] != runs[2]
 
 
+@pytest.mark.processes
 def test_the_stop_token_ends_the_answer(tiny, capsys):
     run_dir, _, _ = tiny
     argv = ["--run", str(run_dir), "--prompt", "3 4 5 6 7 8 9 10 11 12", "--stop-token", "5"]
@@ -74,6 +80,7 @@ def test_the_stop_token_ends_the_answer(tiny, capsys):
     assert answers(capsys) == [[3, 4, 5]]
 
 
+@pytest.mark.processes
 def test_cached_equals_uncached_on_the_trained_model(tiny):
     _, model, config = tiny
     batch = tasks.eval_batch(config.task)
@@ -93,6 +100,7 @@ def test_cached_equals_uncached_on_the_trained_model(tiny):
         np.testing.assert_allclose(step, full[:, p + i], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
@@ -124,6 +132,7 @@ def test_errors_are_one_line_and_exit_2(tiny, capsys, argv, says):
     assert says in error_line(capsys)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("content", "says"),
     [
@@ -142,6 +151,7 @@ def test_a_bad_prompts_file_is_named(tiny, tmp_path, capsys, content, says):
     assert says in error_line(capsys)
 
 
+@pytest.mark.processes
 def test_a_missing_prompts_file_and_bad_run_directories(tiny, tmp_path, capsys):
     run_dir, _, _ = tiny
     assert main(["--run", str(run_dir), "--prompts-file", str(tmp_path / "none.txt")]) == 2

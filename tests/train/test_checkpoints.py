@@ -20,29 +20,22 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import ROOT, SHORT_RUN, TINY
 from flax import nnx
 
-from jaxattn.train.checkpoints import Checkpoints, load_run, model_spec, spec_fingerprint
+from jaxattn.train.checkpoints import Checkpoints, model_spec, spec_fingerprint
 from jaxattn.train.config import load_config
+from jaxattn.train.load import load_run
 from jaxattn.train.loop import train
 from jaxattn.train.rundir import RunError
 from jaxattn.train.steps import abstract_model
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.yaml"
 TMP = ".orbax-checkpoint-tmp"  # Orbax's name for a step that is still being written
 
 
 # A 30-step run with an evaluation and a checkpoint every 10 steps (1.0 is not reached in
 # 30 steps: every step runs).
-SHORT = (
-    "train.progress=false",
-    "train.pictures=false",
-    "task.eval_size=64",
-    "train.steps=30",
-    "train.eval_every=10",
-    "train.steps_per_call=10",
-)
+SHORT = (*SHORT_RUN, "train.steps=30", "model.num_layers=2")
 
 
 def run_config(run_dir, *overrides):
@@ -463,6 +456,7 @@ runpy.run_path(train_py, run_name="__main__")
 """
 
 
+@pytest.mark.processes
 def test_a_real_full_disk_during_a_save_is_one_line_keeping_the_earlier_one(small_tmpfs, tmp_path):
     run_dir = small_tmpfs / "run"
     driver = tmp_path / "fill_after_first_save.py"

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from short_run import SHORT_RUN
+from conftest import ROOT, SHORT_RUN, TINY
 
 from jaxattn.train import load_run
 from jaxattn.train.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.yaml"
 SMALL = [
     *SHORT_RUN,
     "mesh.data=2",
@@ -64,6 +62,7 @@ def _step_losses(run: Path) -> np.ndarray:
     return np.concatenate([json.loads(line)["step_losses"] for line in lines])
 
 
+@pytest.mark.processes
 def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
     port = _free_port()
     several, one = tmp_path / "two_hosts", tmp_path / "one_host"
@@ -101,6 +100,7 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("jaxattn-follower-*/run"))
 
 
+@pytest.mark.processes
 def test_resume_over_several_processes_is_refused_in_one_line(tmp_path):
     port = _free_port()
     args = [*SMALL, f"train.run_dir={tmp_path / 'run'}", f"mesh.coordinator=127.0.0.1:{port}"]
@@ -115,6 +115,7 @@ def test_resume_over_several_processes_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 def test_a_bad_process_count_in_the_environment_is_one_line(tmp_path):
     code, _, err = _finish(
         _train_py(
@@ -151,6 +152,7 @@ def test_a_process_id_beyond_the_process_count_is_a_config_error():
         load_config(TINY, ["mesh.num_processes=2", "mesh.process_id=2"])
 
 
+@pytest.mark.processes
 def test_a_run_directory_process_0_refuses_stops_every_process(tmp_path):
     """Process 0 cannot open the run (a file is in its way): the other process learns it at
     once and stops too, rather than waiting at the first collective."""
@@ -184,6 +186,7 @@ def test_a_process_count_without_a_coordinator_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 def test_ctrl_c_to_one_process_stops_all_at_one_step_and_process_0_saves(tmp_path):
     import signal
     import time
@@ -212,6 +215,7 @@ def test_ctrl_c_to_one_process_stops_all_at_one_step_and_process_0_saves(tmp_pat
     assert "mesh.coordinator=null" in err0 and "JAX_COORDINATOR_ADDRESS unset" in err0
 
 
+@pytest.mark.processes
 def test_processes_started_with_different_configs_stop_in_one_line_before_writing(tmp_path):
     port = _free_port()
     args = [

@@ -36,30 +36,22 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, SHORT_RUN, TINY
 from flax import nnx
 
-from jaxattn.train import loop, tasks
-from jaxattn.train.checkpoints import Checkpoints, load_run
+from jaxattn.train import loop, plan, tasks
+from jaxattn.train.checkpoints import Checkpoints
 from jaxattn.train.config import dump_config, load_config
-from jaxattn.train.loop import TrainingInterrupted, train
+from jaxattn.train.load import load_run
+from jaxattn.train.loop import train
 from jaxattn.train.rundir import RunDir, RunError
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.yaml"
+from jaxattn.train.signals import TrainingInterrupted
 
 # Evaluations every 20 steps, chunks of 10. warmup_constant: the learning rate of a step does
 # not depend on train.steps, so a 40-step run is the first 40 steps of a 140-step one and
 # both compile to the same programs. Warmup is 100 steps: exact-match stays 0 and every step
 # runs (the reference fixture checks it).
-BASE = (
-    "model.num_layers=1",  # compiles faster than 2; resuming does not depend on depth
-    "train.progress=false",
-    "train.pictures=false",
-    "task.eval_size=64",
-    "optim.schedule=warmup_constant",
-    "train.eval_every=20",
-    "train.steps_per_call=10",
-)
+BASE = (*SHORT_RUN, "optim.schedule=warmup_constant", "train.eval_every=20")
 SHORT = (*BASE, "train.steps=40")  # in-process runs
 # Subprocesses that get a signal once a metrics line appears: 120 steps and 6 saves after
 # the first evaluation (seconds), so each signal lands while the run is going on.
@@ -153,7 +145,7 @@ def short_reference(long_reference) -> bytes:
 def _interrupt_after(monkeypatch, step: int, signum=signal.SIGTERM) -> None:
     """Send ``signum`` to this process (the real handler gets it) when the chunk that ends
     at ``step`` has run."""
-    real = loop.make_train_chunk
+    real = plan.make_train_chunk
 
     def make(*args, **kwargs):
         chunk = real(*args, **kwargs)
@@ -166,12 +158,13 @@ def _interrupt_after(monkeypatch, step: int, signum=signal.SIGTERM) -> None:
 
         return interrupted
 
-    monkeypatch.setattr(loop, "make_train_chunk", make)
+    monkeypatch.setattr(plan, "make_train_chunk", make)
 
 
 # --------------------------------------------------------------------------- resume, in-process
 
 
+@pytest.mark.processes
 def test_sigterm_between_evaluations_and_at_one_then_resume_gives_the_same_metrics(
     tmp_path, monkeypatch, short_reference
 ):
@@ -209,6 +202,7 @@ def test_sigterm_between_evaluations_and_at_one_then_resume_gives_the_same_metri
     assert _metrics(run) == short_reference
 
 
+@pytest.mark.processes
 def test_train_loss_does_not_depend_on_steps_per_call(tmp_path, short_reference):
     """train_loss / train_accuracy are means over the steps since the last evaluation. The
     reference fuses 10 steps per call; 20 (one call per evaluation) gives the same file. The
@@ -268,6 +262,7 @@ def _stopped(proc, signum, run: Path) -> list[str]:
     return command[1:]
 
 
+@pytest.mark.processes
 def test_sigterm_sigint_and_sigkill_to_train_py_then_resume_gives_the_same_metrics(
     tmp_path, jax_cache, long_reference
 ):
@@ -338,6 +333,7 @@ sys.exit(3)
 """
 
 
+@pytest.mark.processes
 def test_sigkill_during_a_save_leaves_a_run_that_resumes_from_the_last_complete_checkpoint(
     tmp_path, jax_cache, short_reference
 ):
@@ -373,6 +369,7 @@ def _strict_json(text: str) -> dict:
     return json.loads(text, parse_constant=refuse)
 
 
+@pytest.mark.processes
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_only_finite_checkpoints(
     tmp_path, jax_cache
 ):
@@ -433,6 +430,7 @@ def _long_config(run, *overrides):
     return load_config(TINY, [*LONG, f"train.run_dir={run}", *overrides])
 
 
+@pytest.mark.processes
 def test_resume_with_another_config_is_refused_naming_the_key_and_changes_nothing(
     tmp_path, long_reference
 ):
@@ -449,6 +447,7 @@ def test_resume_with_another_config_is_refused_naming_the_key_and_changes_nothin
     assert _metrics(run) == _metrics(long_reference)
 
 
+@pytest.mark.processes
 def test_resume_of_a_run_whose_config_yaml_was_edited_is_refused_naming_the_key(
     tmp_path, long_reference
 ):

@@ -13,23 +13,17 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from jaxattn.train.config import load_config
+from conftest import ROOT, short_config
+
+from jaxattn.commands.viz import main
 from jaxattn.train.loop import train
-from jaxattn.viz import main, plot_attention
+from jaxattn.train.pictures import plot_attention
+
+TWO_LAYERS = ("model.num_layers=2", "task.eval_size=16")  # the pictures show two layers
 
 
 def test_draw_run_writes_pngs(tmp_path):
-    config = load_config(
-        "configs/tiny.yaml",
-        [
-            f"train.run_dir={tmp_path / 'run'}",
-            "train.progress=false",
-            "train.pictures=false",
-            "train.steps=10",
-            "train.eval_every=10",
-            "task.eval_size=16",
-        ],
-    )
+    config = short_config(tmp_path / "run", *TWO_LAYERS, "train.steps=10")
     run = train(config, log=lambda _: None).run_dir
     assert main([str(run), "--example", "3"]) == 0
     for name in ("attention.png", "curves.png"):
@@ -51,7 +45,6 @@ def test_plot_attention_checks_shapes(tmp_path):
 
 # ------------------------------------------- what viz reads is checked first (issue 9, point 4)
 
-ROOT = Path(__file__).resolve().parents[1]
 PICTURES = ("attention.png", "curves.png")
 
 
@@ -59,18 +52,7 @@ PICTURES = ("attention.png", "curves.png")
 def viz_run(tmp_path_factory):
     """A 20-step run with checkpoints at steps 10 and 20; tests copy it before damaging it."""
     run_dir = tmp_path_factory.mktemp("viz") / "run"
-    config = load_config(
-        "configs/tiny.yaml",
-        [
-            f"train.run_dir={run_dir}",
-            "train.progress=false",
-            "train.pictures=false",
-            "train.steps=20",
-            "train.eval_every=10",
-            "train.steps_per_call=10",
-            "task.eval_size=16",
-        ],
-    )
+    config = short_config(run_dir, *TWO_LAYERS)
     train(config, log=lambda _: None)
     return run_dir
 
@@ -90,7 +72,7 @@ def listing(directory: Path) -> list[str]:
 def one_stderr_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith("jaxattn.viz: ")
+    assert lines[0].startswith("jaxattn.commands.viz: ")
     return lines[0]
 
 
@@ -140,13 +122,14 @@ def _truncate(params_dir: Path) -> None:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("damage", [_flip_bytes, _truncate], ids=["flipped", "truncated"])
 def test_viz_cli_on_a_corrupt_checkpoint_is_one_line_and_draws_nothing(run_copy, damage):
     for step_dir in (run_copy / "checkpoints").iterdir():  # whichever step viz picks
         damage(step_dir / "params")
     before = listing(run_copy)
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxattn.viz", str(run_copy)],
+        [sys.executable, "-m", "jaxattn.commands.viz", str(run_copy)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -155,7 +138,9 @@ def test_viz_cli_on_a_corrupt_checkpoint_is_one_line_and_draws_nothing(run_copy,
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, f"{len(lines)} lines on stderr: {proc.stderr[:3000]}"
-    assert lines[0].startswith("jaxattn.viz: ") and str(run_copy / "checkpoints") in lines[0]
+    assert (
+        lines[0].startswith("jaxattn.commands.viz: ") and str(run_copy / "checkpoints") in lines[0]
+    )
     assert listing(run_copy) == before
 
 
@@ -213,6 +198,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+@pytest.mark.processes
 def test_training_draws_both_pictures_at_its_expected_size(trained_tiny):
     run_dir, logs = trained_tiny
     assert f"pictures: {run_dir / 'attention.png'}, {run_dir / 'curves.png'}" in logs
@@ -228,6 +214,7 @@ def test_training_draws_both_pictures_at_its_expected_size(trained_tiny):
     assert all(isinstance(x, float) and x > 0 for x in losses)
 
 
+@pytest.mark.processes
 def test_the_trained_copier_attends_to_the_source_of_each_copied_token(trained_tiny):
     """Numbers behind the picture: predicting answer token j, some head of the trained
     model looks at x_j in the prompt, for every j and almost every sequence."""
@@ -251,21 +238,19 @@ def test_the_trained_copier_attends_to_the_source_of_each_copied_token(trained_t
 
 
 def test_a_picture_that_cannot_be_drawn_costs_one_line_not_the_run(tmp_path, monkeypatch):
-    import jaxattn.viz
+    import jaxattn.train.pictures
 
     def no_matplotlib(run_dir):
         raise ImportError("pictures need matplotlib: pip install 'jaxattn[viz]'")
 
-    monkeypatch.setattr(jaxattn.viz, "draw_run", no_matplotlib)
-    config = load_config(
-        "configs/tiny.yaml",
-        [
-            f"train.run_dir={tmp_path / 'run'}",
-            "train.progress=false",
-            "train.steps=5",
-            "train.eval_every=5",
-            "task.eval_size=8",
-        ],
+    monkeypatch.setattr(jaxattn.train.pictures, "draw_run", no_matplotlib)
+    config = short_config(
+        tmp_path / "run",
+        *TWO_LAYERS,
+        "train.pictures=true",
+        "train.steps=5",
+        "train.eval_every=5",
+        "task.eval_size=8",
     )
     logs = []
     result = train(config, log=logs.append)
@@ -273,12 +258,14 @@ def test_a_picture_that_cannot_be_drawn_costs_one_line_not_the_run(tmp_path, mon
     assert (result.run_dir / "summary.json").is_file()
     assert not (result.run_dir / "attention.png").exists()
     # Any other failure too: one line, the run stands.
-    monkeypatch.setattr(jaxattn.viz, "draw_run", lambda run_dir: 1 / 0)
+    monkeypatch.setattr(jaxattn.train.pictures, "draw_run", lambda run_dir: 1 / 0)
     train(config, resume=True, log=logs.append)
     assert logs[-1] == "pictures not drawn: ZeroDivisionError('division by zero')"
     # Resuming the finished run draws the missing pictures, and only while they are missing.
     calls = []
-    monkeypatch.setattr(jaxattn.viz, "draw_run", lambda run_dir: calls.append(run_dir) or [])
+    monkeypatch.setattr(
+        jaxattn.train.pictures, "draw_run", lambda run_dir: calls.append(run_dir) or []
+    )
     train(config, resume=True, log=logs.append)
     assert calls == [result.run_dir]
     for name in PICTURES:

@@ -19,19 +19,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import ROOT, SHORT_RUN, TINY
 
-from jaxattn.train import loop, rundir
+from jaxattn.train import plan, rundir
 from jaxattn.train.config import load_config
 from jaxattn.train.loop import train
 from jaxattn.train.rundir import MARK, OWNED, RunError, open_run_dir
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.yaml"
-# A small model and a short run: 4 steps, evaluated and checkpointed at steps 2 and 4.
+# A smaller model and a shorter run: 4 steps, evaluated and checkpointed at steps 2 and 4.
 SMALL = [
-    "train.progress=false",
-    "train.pictures=false",
-    "model.num_layers=1",
+    *SHORT_RUN,
     "model.d_model=16",
     "model.num_heads=2",
     "model.d_ff=32",
@@ -80,14 +77,18 @@ def one_line(err: BaseException) -> str:
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """Fail the test if the model is initialised or a training step is built: a refusal or an
-    unwritable directory must be reported before any of that (and before any compilation)."""
+    """Fail the test if the model is initialised or a training step runs: a refusal or an
+    unwritable directory must be reported before any of that (and before any compilation:
+    the plan builds its programs, which compile only when first called)."""
 
     def fail(*args, **kwargs):
         raise AssertionError("training started; the run directory should have been refused")
 
-    monkeypatch.setattr(loop, "init_state", fail)
-    monkeypatch.setattr(loop, "make_train_chunk", fail)
+    def make_failing_chunk(*args, **kwargs):
+        return fail
+
+    monkeypatch.setattr(plan, "init_state", fail)
+    monkeypatch.setattr(plan, "make_train_chunk", make_failing_chunk)
 
 
 def refused(config, **kwargs) -> str:
@@ -364,10 +365,10 @@ def test_full_disk_at_the_write_probe_is_one_line_before_training(
 
 
 def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch):
-    def no_chunk(*args, **kwargs):
-        raise AssertionError("a training step was built despite too little free space")
+    def no_state(*args, **kwargs):
+        raise AssertionError("the model was initialised despite too little free space")
 
-    monkeypatch.setattr(loop, "make_train_chunk", no_chunk)
+    monkeypatch.setattr(plan, "init_state", no_state)
     real = shutil.disk_usage
     monkeypatch.setattr(
         rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=2**17)
@@ -399,7 +400,7 @@ def test_tilde_is_expanded(tmp_path, monkeypatch):
     def stop(*args, **kwargs):
         raise Stop
 
-    monkeypatch.setattr(loop, "init_state", stop)  # the run directory is open by then
+    monkeypatch.setattr(plan, "init_state", stop)  # the run directory is open by then
     with pytest.raises(Stop):
         train(small_config("~/x"), log=lambda _: None)
     assert (home / "x" / MARK).is_file()
@@ -488,6 +489,7 @@ def test_overwrite_replaces_a_real_run_and_keeps_the_users_files(finished_run, t
 # ---------------------------------------------------------------- train.py, end to end
 
 
+@pytest.mark.processes
 def test_train_py_refuses_a_directory_of_the_users(tmp_path):
     mydata = tmp_path / "mydata"
     mydata.mkdir()
@@ -499,6 +501,7 @@ def test_train_py_refuses_a_directory_of_the_users(tmp_path):
     assert "mydata" in line and "not a jaxattn run" in line
 
 
+@pytest.mark.processes
 def test_train_py_refuses_the_configs_directory(tmp_path):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     before = tree(tmp_path)
@@ -522,12 +525,14 @@ def test_train_py_refuses_the_configs_directory(tmp_path):
     assert "configs" in line and "not a jaxattn run" in line
 
 
+@pytest.mark.processes
 def test_train_py_unwritable_run_dir_is_one_line(tmp_path):
     line = one_line_failure(run_train_py("train.run_dir=/proc/x", cwd=tmp_path))
     assert "/proc/x" in line and "cannot write" in line
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.processes
 def test_train_py_existing_run_names_both_flags(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
     before = tree(tmp_path)
@@ -536,6 +541,7 @@ def test_train_py_existing_run_names_both_flags(finished_run, tmp_path):
     assert tree(tmp_path) == before
 
 
+@pytest.mark.processes
 def test_train_py_resume_of_a_finished_run_trains_nothing_more(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
     files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}

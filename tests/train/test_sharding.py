@@ -8,22 +8,18 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, SHORT_RUN, TINY
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
-from short_run import SHORT_RUN
 
 from jaxattn.train import load_run
 from jaxattn.train.config import load_config
 from jaxattn.train.loop import train
 from jaxattn.train.rundir import RunError
 from jaxattn.train.sharding import AXES, MeshError, make_mesh, param_spec
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.yaml"
 
 
 class Key:  # a pytree path entry, as jax.tree_util makes them
@@ -81,25 +77,22 @@ SHARDED = textwrap.dedent(
     import numpy as np
     from jaxattn.train import sharding, tasks
     from jaxattn.train.config import load_config
-    from jaxattn.train.optim import make_optimizer
-    from jaxattn.train.steps import init_state, make_eval_fn, make_train_chunk, updates
+    from jaxattn.train.plan import make_plan
     import jax
     from flax import nnx
     from jaxattn.nn import decoding
 
 
     config = load_config(sys.argv[1], ["train.steps=20", "model.num_layers=1"])
-    optimizer = make_optimizer(config.optim, d_model=64, total_steps=updates(config))
     key = tasks.seed_key(0)
     prompts = np.asarray(tasks.eval_batch(config.task).inputs[:16, :12])  # BOS x1..x10 SEP
     out = {}
     for name, sizes in [("one", None), ("data=4", (4, 1, 1)), ("fsdp=4", (1, 4, 1)),
                         ("data=2 x tensor=2", (2, 1, 2))]:
-        mesh = None if sizes is None else sharding.make_mesh(*sizes)
-        graphdef, params, opt_state = init_state(config, optimizer, mesh)
-        params, opt_state, m = make_train_chunk(config, graphdef, optimizer, mesh)(
-            params, opt_state, key, 0, 20
-        )
+        plan = make_plan(config, None if sizes is None else sharding.make_mesh(*sizes))
+        graphdef = plan.graphdef
+        params, opt_state = plan.init_state()
+        params, opt_state, m = plan.train_chunk(params, opt_state, key, 0, 20)
         q = params["blocks"][0]["attention"]["q_proj"]["kernel"][...]
         up_mu = opt_state[1][0].mu["blocks"][0]["feed_forward"]["up"]["kernel"][...]
         out[name] = {
@@ -111,7 +104,7 @@ SHARDED = textwrap.dedent(
         if name == "data=4":  # data parallelism: covered by the losses; saves compiling
             continue
         # Evaluation and cached generation on the sharded parameters, as they are.
-        evaluation = make_eval_fn(config, graphdef)(params)
+        evaluation = plan.evaluate(params)
         generated = decoding.decode(
             graphdef, params, prompts, np.full(16, 12, np.int32), None, max_new_tokens=10
         )
@@ -140,6 +133,7 @@ def _python(code: str, devices: int, *args) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.processes
 def test_20_steps_on_three_meshes_give_the_losses_of_one_device_with_the_rules_shards():
     out = json.loads(_python(SHARDED, 4, TINY))
     one = np.asarray(out["one"]["loss"])
@@ -174,6 +168,7 @@ RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.processes
 def test_a_run_on_4_devices_resumes_on_2_and_loads_on_1(tmp_path):
     run = tmp_path / "run"
     args = [f"train.run_dir={run}", *SHORT_RUN]
@@ -276,6 +271,7 @@ PER_SHARD = textwrap.dedent(
 )
 
 
+@pytest.mark.processes
 def test_attention_runs_per_shard_without_gathering_its_inputs():
     """Batch (data, fsdp) and heads (tensor) split across 4 devices: per_shard runs the
     kernel on each device's sequences and heads, forward and backward, with no collective at

@@ -6,13 +6,13 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import ROOT, TINY
 from flax import nnx
 
 from jaxattn.nn.decoding import generate
@@ -20,12 +20,9 @@ from jaxattn.train import tasks
 from jaxattn.train.config import load_config
 from jaxattn.train.load import load_run
 from jaxattn.train.loop import train
-from jaxattn.train.optim import make_optimizer
+from jaxattn.train.plan import make_plan
 from jaxattn.train.rundir import MARK, RunError
-from jaxattn.train.steps import build_model, loss_fn, make_train_chunk
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.yaml"
+from jaxattn.train.steps import build_model, loss_fn
 
 
 def small_config(tmp_path, *overrides):
@@ -43,11 +40,9 @@ def small_config(tmp_path, *overrides):
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
     config = small_config(tmp_path, "optim.warmup_steps=0", "optim.schedule=warmup_constant")
-    model = build_model(config)
-    graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = make_optimizer(config.optim, d_model=config.model.d_model, total_steps=100)
-    opt_state = optimizer.init(params)
-    chunk = make_train_chunk(config, graphdef, optimizer)
+    plan = make_plan(config, None)
+    params, opt_state = plan.init_state()
+    chunk = plan.train_chunk
     # The same base key and start step replay the same batches: a fixed batch sequence.
     key = jax.random.key(0)
     # The chunk donates its inputs: the first call gets copies.
@@ -115,6 +110,7 @@ def _run_train_py(*args, cwd):
     )
 
 
+@pytest.mark.processes
 def test_train_py_learns_the_copy_task(trained_tiny):
     """End to end: the README's command (run once per session by the fixture) reaches its
     target on 1000 held-out sequences."""
@@ -128,6 +124,7 @@ def test_train_py_learns_the_copy_task(trained_tiny):
     assert printed[-1] == f"run directory: {run_dir}"
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -155,15 +152,14 @@ def test_dataclass_configs_are_frozen(tmp_path):
 
 def test_exact_match_shortcut_equals_real_greedy_decoding(tmp_path):
     """The one-pass exact-match agrees sequence by sequence with running generate()."""
-    from jaxattn.train.steps import init_state, make_eval_fn
+    from jaxattn.train.steps import make_eval_fn
 
     config = small_config(tmp_path, "task.eval_size=200")
-    optimizer = make_optimizer(config.optim, d_model=config.model.d_model, total_steps=1500)
-    graphdef, params, opt_state = init_state(config, optimizer)
-    chunk = make_train_chunk(config, graphdef, optimizer)
-    params, opt_state, _ = chunk(params, opt_state, jax.random.key(0), 0, 150)
-    fast = make_eval_fn(config, graphdef)(params)
-    slow = make_eval_fn(config, graphdef, decode=True)(params)
+    plan = make_plan(config, None)
+    params, opt_state = plan.init_state()
+    params, opt_state, _ = plan.train_chunk(params, opt_state, jax.random.key(0), 0, 150)
+    fast = plan.evaluate(params)
+    slow = make_eval_fn(config, plan.graphdef, decode=True)(params)
     assert 0.0 < float(slow["exact_match"]) < 1.0  # partly trained: the comparison has teeth
     np.testing.assert_array_equal(fast["correct"], slow["correct"])
 
@@ -189,14 +185,13 @@ def test_accumulating_k_micro_batches_is_one_update_on_their_union(tmp_path):
         tmp_path, f"task.batch_size={b}", f"optim.accumulate_steps={k}", *overrides
     )
     whole = small_config(tmp_path, f"task.batch_size={k * b}", *overrides)
-    d_model = whole.model.d_model
-    tx_k = make_optimizer(accumulating.optim, d_model=d_model, total_steps=10)
-    tx_1 = make_optimizer(whole.optim, d_model=d_model, total_steps=10)
+    plan_k = make_plan(accumulating, None)
+    tx_k, tx_1 = plan_k.optimizer, make_plan(whole, None).optimizer
     graphdef, params = nnx.split(build_model(whole), nnx.Param)
     base_key = tasks.seed_key(0)
 
     # The trainer's path: 2k micro-steps fused in one call.
-    chunk = make_train_chunk(accumulating, graphdef, tx_k)
+    chunk = plan_k.train_chunk
     params_k, state_k, metrics = chunk(
         jax.tree.map(jnp.copy, params), tx_k.init(params), base_key, 0, 2 * k
     )

@@ -1,0 +1,83 @@
+"""What a run builds once (jaxattn.train.plan): the learning rate a run logs is the one the
+optimizer applies, under gradient accumulation and a schedule that depends on the run's
+length; the plan derives its pieces from one schedule."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+from conftest import SHORT_RUN, TINY
+
+from jaxattn.train.config import load_config
+from jaxattn.train.loop import train
+from jaxattn.train.plan import make_plan
+from jaxattn.train.steps import updates
+
+
+def applied_rates(optimizer, k: int, n_updates: int) -> np.ndarray:
+    """The learning rate of each update ``optimizer`` applies, read from its updates
+    themselves: with a constant gradient Adam's bias-corrected moments are exactly the
+    (clipped) gradient and its square, so each applied update is ``-lr * c / (c + eps)``,
+    ``-lr`` to 1e-6 for eps 1e-9. With accumulation every ``k``-th call applies one."""
+    params = {"w": jnp.zeros(3)}
+    grads = {"w": jnp.ones(3)}
+    state = optimizer.init(params)
+    rates = []
+    for _ in range(n_updates):
+        for _ in range(k):
+            update, state = optimizer.update(grads, state, params)
+        rates.append(-float(update["w"][0]))
+    return np.asarray(rates)
+
+
+def test_the_logged_learning_rate_is_the_one_the_optimizer_applies(tmp_path):
+    # 40 micro-batches of 4 per update: 10 updates, so warmup_cosine decays over 10 updates,
+    # not 40 (the trainer once logged a schedule built for train.steps while Optax applied
+    # one built for the updates).
+    k = 4
+    config = load_config(
+        TINY,
+        [
+            *SHORT_RUN,
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.steps=40",
+            "train.eval_every=20",
+            "train.steps_per_call=20",
+            f"optim.accumulate_steps={k}",
+            "optim.schedule=warmup_cosine",
+            "optim.warmup_steps=3",
+            "task.batch_size=8",
+        ],
+    )
+    assert updates(config) == 10
+    run = train(config, log=lambda _: None).run_dir
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = np.asarray([lr for record in records for lr in record["step_lrs"]])
+    assert logged.shape == (40,)
+    rates = applied_rates(make_plan(config, None).optimizer, k, updates(config))
+    # Warmup, then a cosine that ends at 0 after the 10th update: each micro-batch logs the
+    # rate of the update its gradient goes into.
+    assert rates[0] == 0.0 and rates.max() > 0 and rates[-1] < 0.05 * rates.max()
+    np.testing.assert_allclose(logged, np.repeat(rates, k), rtol=1e-5, atol=1e-9)
+    assert records[-1]["lr"] == logged[-1]
+
+
+def test_the_plan_builds_every_program_on_its_one_schedule():
+    config = load_config(TINY, [*SHORT_RUN, "optim.accumulate_steps=2"])
+    plan = make_plan(config, None)
+    # Shapes only: the abstract state is what init_state makes, byte for byte in size.
+    params, opt_state = plan.init_state()
+    real = sum(x.size * x.dtype.itemsize for x in _leaves((params, opt_state)))
+    assert plan.state_bytes == real > 0
+    assert plan.mesh is None and plan.shardings is None
+    # The optimizer's rate at its count 5 is the plan's schedule at 5 (one schedule object).
+    rates = applied_rates(plan.optimizer, 2, 6)
+    np.testing.assert_allclose(rates[5], float(plan.schedule(5)), rtol=1e-5)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
