@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, matmul_ceiling_gflops
+from common import machine, matmul_ceiling_gflops, run_main
 
 import jaxattn
 from jaxattn import _blocks as flash_blocks
@@ -142,4 +142,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -4,6 +4,7 @@ checkpoint), as a user meets it.
     python benchmarks/train_speed.py                    # tiny.yaml, median of 3 runs
     python benchmarks/train_speed.py --also reverse sort next_token --runs 1
     python benchmarks/train_speed.py --checkpoint-cost --runs 7   # checkpoints' share
+    python benchmarks/train_speed.py --against /tmp/before --runs 5  # this tree vs another
 
 Each run is ``python train.py --config configs/<name>.yaml`` in a fresh process writing to a
 temporary run directory; wall seconds are measured around the process. Steps/s is steps
@@ -13,6 +14,11 @@ per second of training after the first (compiling) chunk, evaluations excluded.
 with ``train.checkpoint_every=0`` (one checkpoint, at the end) and with every save skipped
 (a baseline only a benchmark can have), alternating them so that the machine's drift falls
 on all alike, and reports the medians and their ratios.
+
+``--against DIR`` runs tiny.yaml with this tree's ``train.py`` and with DIR's (another
+checkout, e.g. ``git worktree add /tmp/before <commit>``: its ``train.py`` imports its own
+``jaxattn``, the script's directory coming first on ``sys.path``), alternating them, and
+reports both and their ratio: a change's cost or gain measured in one interleaved run.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine
+from common import machine, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +47,7 @@ _NO_SAVES = (
 )
 
 
-def run_once(config: str, *overrides: str, saves: bool = True) -> dict:
+def run_once(config: str, *overrides: str, saves: bool = True, root: Path = ROOT) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         start = time.perf_counter()
@@ -49,9 +55,9 @@ def run_once(config: str, *overrides: str, saves: bool = True) -> dict:
             [
                 sys.executable,
                 *(() if saves else ("-c", _NO_SAVES)),
-                str(ROOT / "train.py"),
+                str(root / "train.py"),
                 "--config",
-                str(ROOT / "configs" / f"{config}.yaml"),
+                str(root / "configs" / f"{config}.yaml"),
                 f"train.run_dir={run_dir}",
                 "train.progress=false",
                 *overrides,
@@ -103,6 +109,31 @@ def checkpoint_cost(runs: int) -> None:
         print(f"every evaluation / {name}: {every / base:.3f} ({100 * (every / base - 1):+.1f}%)")
 
 
+def against(other: Path, runs: int) -> None:
+    """tiny.yaml with this tree and with ``other``, alternating; medians and their ratio."""
+    trees = {"this tree": ROOT, f"{other}": other}
+    results: dict = {name: [] for name in trees}
+    for i in range(runs):
+        for name in list(trees) if i % 2 == 0 else list(trees)[::-1]:
+            results[name].append(run_once("tiny", root=trees[name]))
+    print("| tree | runs | wall s (median) | wall s (all) | steps/s (median) | steps | exact |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rs in results.items():
+        walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
+        print(
+            f"| {name} | {len(rs)} | {statistics.median(r['wall_s'] for r in rs):.2f} | "
+            f"{walls} | {statistics.median(r['steps_per_s'] for r in rs):.1f} | "
+            f"{rs[0]['steps']} | {min(r['exact_match'] for r in rs):.4f} |"
+        )
+    mine, theirs = (statistics.median(r["wall_s"] for r in rs) for rs in results.values())
+    rate_mine, rate_theirs = (
+        statistics.median(r["steps_per_s"] for r in rs) for rs in results.values()
+    )
+    print(
+        f"\nwall: this tree / other = {mine / theirs:.3f}; steps/s: {rate_mine / rate_theirs:.3f}"
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of tiny.yaml (median)")
@@ -110,8 +141,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--checkpoint-cost", action="store_true", help="checkpoints every eval vs at the end"
     )
+    parser.add_argument(
+        "--against", type=Path, default=None, help="another checkout to time tiny.yaml against"
+    )
     args = parser.parse_args(argv)
     print(f"machine: {machine()}\n")
+    if args.against is not None:
+        against(args.against.resolve(), args.runs)
+        return
     if args.checkpoint_cost:
         checkpoint_cost(args.runs)
         return
@@ -131,4 +168,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
