@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxattn.nn.axes import BATCH_AXES, MESH_AXES
+from jaxattn.nn.axes import BATCH_AXES, FSDP, MESH_AXES, TENSOR
 
 __all__ = [
     "AXES",
@@ -55,20 +55,20 @@ BATCH = BATCH_AXES  # the mesh axes a batch's first dimension is split over
 
 # (module name, leaf name) -> the mesh axis of each dim of that leaf. Kernels are [in, out].
 _RULES = {
-    ("embed", "embedding"): ("tensor", "fsdp"),  # [V, D]
-    ("position_embed", "embedding"): (None, "fsdp"),  # [max_len, D]
-    ("q_proj", "kernel"): ("fsdp", "tensor"),  # [D, N*H]
-    ("k_proj", "kernel"): ("fsdp", "tensor"),  # [D, K*H]
-    ("v_proj", "kernel"): ("fsdp", "tensor"),
-    ("q_proj", "bias"): ("tensor",),
-    ("k_proj", "bias"): ("tensor",),
-    ("v_proj", "bias"): ("tensor",),
-    ("out_proj", "kernel"): ("tensor", "fsdp"),  # [N*H, D]
-    ("up", "kernel"): ("fsdp", "tensor"),  # [D, d_ff]
-    ("up", "bias"): ("tensor",),
-    ("down", "kernel"): ("tensor", "fsdp"),  # [d_ff, D]
-    ("unembed", "kernel"): ("fsdp", "tensor"),  # [D, V]
-    ("unembed", "bias"): ("tensor",),
+    ("embed", "embedding"): (TENSOR, FSDP),  # [V, D]
+    ("position_embed", "embedding"): (None, FSDP),  # [max_len, D]
+    ("q_proj", "kernel"): (FSDP, TENSOR),  # [D, N*H]
+    ("k_proj", "kernel"): (FSDP, TENSOR),  # [D, K*H]
+    ("v_proj", "kernel"): (FSDP, TENSOR),
+    ("q_proj", "bias"): (TENSOR,),
+    ("k_proj", "bias"): (TENSOR,),
+    ("v_proj", "bias"): (TENSOR,),
+    ("out_proj", "kernel"): (TENSOR, FSDP),  # [N*H, D]
+    ("up", "kernel"): (FSDP, TENSOR),  # [D, d_ff]
+    ("up", "bias"): (TENSOR,),
+    ("down", "kernel"): (TENSOR, FSDP),  # [d_ff, D]
+    ("unembed", "kernel"): (FSDP, TENSOR),  # [D, V]
+    ("unembed", "bias"): (TENSOR,),
 }  # everything else (LayerNorm scales and biases, output biases, counters): replicated
 
 # The dim of each attention weight that holds heads (N*H or K*H, head-major): split over
@@ -168,7 +168,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch(batch_size: int, mesh: Mesh, what: str = "task.batch_size") -> None:
     """Raise :class:`MeshError` unless data x fsdp divides ``batch_size``."""
-    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    split = math.prod(mesh.shape[axis] for axis in BATCH)
     if batch_size % split:
         raise MeshError(
             f"{what}={batch_size} cannot be split over data x fsdp = {split} devices; use a "
