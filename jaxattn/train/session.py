@@ -141,6 +141,11 @@ class Session:
         self.writer = writer  # False: a follower process, which saves no checkpoint
         self.start = start  # this session's clock
         self.spec = model_spec(self.config)
+        self.meta = {  # what every checkpoint's meta says of the run
+            "config": to_dict(self.config),
+            "model_spec": self.spec,
+            "fingerprint": spec_fingerprint(self.spec),
+        }
         self.progress = Progress()
         self.resumed_from: int | None = None
         self.saved_step: int | None = None
@@ -311,9 +316,7 @@ class Session:
         progress = self.progress
         meta = {
             "step": progress.step,
-            "config": to_dict(self.config),
-            "model_spec": self.spec,
-            "fingerprint": spec_fingerprint(self.spec),
+            **self.meta,
             "progress": {**dataclasses.asdict(progress), "seconds": self._seconds()},
         }
         # Several processes: each array whole on every process first (all must join).
