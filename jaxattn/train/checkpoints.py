@@ -98,7 +98,7 @@ class Checkpoints:
         self._ocp = ocp
         self.directory = Path(directory).absolute()
         self._pending: int | None = None  # the step an asynchronous save is still writing
-        self._silence = contextlib.ExitStack()  # Orbax's threads, while a save is pending
+        self._silence = contextlib.ExitStack()  # Orbax's noise (only), while a save is pending
         if self.directory.exists() and not self.directory.is_dir():
             raise RunError(f"{self.directory} is not a directory of checkpoints")
         if read_only and not self.directory.is_dir():
@@ -233,14 +233,14 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Return once the pending save (if any) is complete on disk; RunError if it failed."""
-        if self._pending is None:
-            return
         step, self._pending = self._pending, None
         try:
-            self._manager.wait_until_finished()
+            if step is not None:
+                self._manager.wait_until_finished()
         except Exception as err:
             self._failed(step, err)
-        self._silence.close()
+        finally:  # also when interrupted: the process's hooks are not left replaced
+            self._silence.close()
 
     def _failed(self, step: int, err: Exception):
         self._silence.__exit__(type(err), err, err.__traceback__)  # let the leftovers settle
