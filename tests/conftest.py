@@ -8,6 +8,9 @@ Tests that start Python processes (train.py, commands, several JAX processes) ar
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -24,6 +27,37 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # float64 reference, seen on an H200); the tolerances here are float32's, as on CPU and TPU.
 if jax.default_backend() == "gpu":
     jax.config.update("jax_default_matmul_precision", "highest")
+
+# One persistent compilation cache per pytest run, shared by its workers and by every process
+# the tests start (the environment carries it): the programs many tests build alike (the
+# short run's steps, its evaluation, the initialisation, train.py's) compile once per run,
+# not once per test. A fresh directory per run keeps runs independent; a test that names its
+# own cache (test_loop's subprocesses) keeps it. Programs that compile in under 0.5 s are not
+# worth a file.
+_CACHE = "JAX_COMPILATION_CACHE_DIR"
+_MIN_SECONDS = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+
+
+def _use_the_run_cache() -> None:
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ[_MIN_SECONDS]))
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller made the cache
+        return
+    config.jaxattn_cache = tempfile.mkdtemp(prefix="jaxattn-tests-jit-")
+    os.environ[_CACHE], os.environ[_MIN_SECONDS] = config.jaxattn_cache, "0.5"
+    _use_the_run_cache()
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "jaxattn_cache", None):
+        shutil.rmtree(config.jaxattn_cache, ignore_errors=True)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(_CACHE):
+    _use_the_run_cache()
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 TINY = ROOT / "configs" / "tiny.yaml"  # the default run
