@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint format train bench clean
+.PHONY: venv test test-floors lint format train bench clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ format: venv
 
 test: lint
 	$(BIN)/python -m pytest -q -n auto  # one worker per core: compiles are single-threaded
+
+# The lowest declared version of every dependency, in a venv of its own (.venv-floors).
+test-floors:
+	bash .ci/floors.sh
 
 train: venv
 	$(BIN)/python train.py --config configs/tiny.yaml
