@@ -39,4 +39,4 @@ bench: venv
 	$(BIN)/python benchmarks/attention.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-floors .pytest_cache .ruff_cache .hypothesis

@@ -3,9 +3,10 @@
 #
 # Installs, in a venv of its own (default .venv-floors), the package with the LOWEST version
 # of every dependency that pyproject.toml declares (each `name>=X` becomes `name==X`, jax's
-# floor pins jaxlib too; the viz extra and pytest/hypothesis of the dev extra likewise), then
-# runs a quick subset: the kernel tests, the model's generation tests, one short training
-# (on two host devices, so the sharded path runs) and generation from that run.
+# floor pins jaxlib too; the viz extra and pytest, pytest-xdist and hypothesis of the dev
+# extra likewise), then runs a quick subset: the kernel tests, the model's generation tests,
+# one short training (on two host devices, so the sharded path runs) and generation from that
+# run.
 # Rerunning reuses the venv while the pins are unchanged (stamp: $VENV/.installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ with open("pyproject.toml", "rb") as f:
     project = tomllib.load(f)["project"]
 extras = project["optional-dependencies"]
 reqs = project["dependencies"] + extras["viz"]
-reqs += [r for r in extras["dev"] if re.match(r"(pytest|hypothesis)\s*>=", r)]
+reqs += [r for r in extras["dev"] if re.match(r"(pytest|pytest-xdist|hypothesis)\s*>=", r)]
 pins = []
 for req in reqs:
     m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)\s*", req)
@@ -53,7 +54,7 @@ fi
 PY=$VENV/bin/python
 
 echo "floors: kernels and generation tests"
-"$PY" -m pytest -q -p no:cacheprovider \
+"$PY" -m pytest -q -n auto -p no:cacheprovider \
     tests/test_attention.py tests/test_reference.py tests/test_flash.py tests/nn/test_decoding.py
 
 TMP=$(mktemp -d)
