@@ -133,20 +133,35 @@ def _offset(offset, q_len: int, kv_len: int):
     return kv_len - q_len if offset is None else offset
 
 
-def _window_pair(window) -> tuple[int, int]:
-    if isinstance(window, int) and not isinstance(window, bool):
-        left = right = window
-    elif (
-        isinstance(window, Sequence)
-        and len(window) == 2
-        and all(isinstance(w, int) and not isinstance(w, bool) for w in window)
-    ):
-        left, right = window
-    else:
-        raise ValueError(f"window must be an int or a (left, right) pair of ints, got {window!r}")
-    if left < 0 or right < 0:
-        raise ValueError(f"window sizes must be >= 0, got {window!r}")
-    return left, right
+# Static values decide what is compiled; a traced one cannot.
+_STATIC = "a static argument: it decides what is compiled, so it cannot be a traced value"
+
+
+def _what(value) -> str:
+    """A value as an error message shows it: a traced value or an array by what it is (never
+    its contents), anything else by its repr."""
+    if isinstance(value, jax.core.Tracer):
+        return "a traced value (an argument of an enclosing jax.jit, vmap or grad)"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {list(value.shape)} and dtype {value.dtype}"
+    return repr(value)
+
+
+def _window_pair(window, name: str = "window") -> tuple[int, int]:
+    """``w`` (meaning ``(w, w)``) or ``(left, right)``, ints in [0, 2**31) (Python or NumPy
+    ints, the pair a tuple or a list), as a pair of Python ints; else a ValueError naming
+    ``name``. :class:`SlidingWindowMask` and ``dot_product_attention(local_window_size=...)``
+    both parse their window here."""
+    pair = tuple(window) if isinstance(window, Sequence) and len(window) == 2 else (window, window)
+    if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in pair):
+        raise ValueError(
+            f"{name} must be an int or a (left, right) pair of ints >= 0 ({_STATIC}), "
+            f"got {_what(window)}"
+        )
+    # The graph computes positions and windows in int32.
+    if min(pair) < 0 or max(pair) >= 2**31:
+        raise ValueError(f"{name} must be in [0, 2**31), got {window!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def _joint_batch(name_a: str, a: tuple, name_b: str, b: tuple) -> tuple:
@@ -310,7 +325,7 @@ class CausalMask(MaskSpec):
 class SlidingWindowMask(MaskSpec):
     """Local attention: the query at position ``p`` sees keys ``p - left <= s <= p + right``.
 
-    ``window``: ``(left, right)`` ints >= 0, or one int ``w`` meaning ``(w, w)`` (as
+    ``window``: ``(left, right)`` ints in [0, 2**31), or one int ``w`` meaning ``(w, w)`` (as
     ``jax.nn.dot_product_attention(local_window_size=...)``); causal local attention is
     ``(w, 0)``: each query sees itself and ``w`` keys before it. ``offset`` as in
     :class:`CausalMask`.

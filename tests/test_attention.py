@@ -448,6 +448,38 @@ def test_errors_raise_at_trace_time_under_jit():
         jax.jit(ja.dot_product_attention).lower(q, k, k)
 
 
+def test_checks_see_the_arguments_as_jax_jit_converts_them(rng):
+    # The checks read shapes and dtypes before jax.jit, once per signature (cached): a NumPy
+    # float64 array is float32 there without jax_enable_x64, a Python scalar a 0-d array.
+    q, key, v = qkv(rng, (2,), 4, 5, 4, 2, 8)
+    want = ja.dot_product_attention(q, key, v, implementation="xla")
+    got = ja.dot_product_attention(q.astype(np.float64), jnp.asarray(key), v, implementation="xla")
+    np.testing.assert_array_equal(got, want)
+    for kw in ({"bias": 0.0}, {"mask": True}):
+        got = ja.dot_product_attention(q, key, v, implementation="xla", **kw)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    with jax.enable_x64(True), pytest.raises(ValueError, match="must share one dtype"):
+        # The same arguments as above: the cache is keyed on jax_enable_x64 as well.
+        ja.dot_product_attention(q.astype(np.float64), jnp.asarray(key), v, implementation="xla")
+
+
+def test_equal_static_arguments_compile_once(rng):
+    # The core's one static argument is the normalised record of the call: np.True_ and
+    # True, a window 2 and (2, 2), a cap 3 and 3.0 make the same record, compiled once.
+    from jaxattn.attention import _attention
+
+    q, key, v = qkv(rng, (1,), 3, 3, 1, 1, 4)
+    a = ja.dot_product_attention(
+        q, key, v, is_causal=True, local_window_size=(2, 2), logits_soft_cap=3.0
+    )
+    compiled = _attention._cache_size()
+    b = ja.dot_product_attention(
+        q, key, v, is_causal=np.True_, local_window_size=np.int64(2), logits_soft_cap=3
+    )
+    assert _attention._cache_size() == compiled
+    np.testing.assert_array_equal(a, b)
+
+
 def test_all_mask_kinds_and_shapes_were_covered():
     # Guard against the parametrisation silently shrinking.
     kinds = set(MASKS)

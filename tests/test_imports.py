@@ -59,26 +59,9 @@ def test_public_names_have_a_docstring(name):
     assert doc and doc.strip(), f"jaxattn.{name} has no docstring of its own"
 
 
-@pytest.mark.parametrize(
-    ("name", "use"),
-    [
-        ("causal_mask", "jaxattn.CausalMask(offset=...).materialize(T, S)"),
-        ("and_masks", "mask_a & mask_b"),
-        ("TinyDecoder", "jaxattn.nn.TinyDecoder"),
-        ("load_run", "jaxattn.train.load_run"),
-    ],
-)
-def test_a_name_that_moved_says_where_it_went(name, use):
-    with pytest.raises(AttributeError) as info:
-        getattr(jaxattn, name)
-    message = str(info.value)
-    assert message.startswith(f"jaxattn.{name} is not part of the kernel API; use {use}")
-    assert "\n" not in message
-
-
 def test_unknown_names_and_subpackages_still_behave_as_usual():
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         jaxattn.nope  # noqa: B018
-    from jaxattn import nn  # a subpackage is imported, not refused as a moved name
+    from jaxattn import nn  # a subpackage imports as usual
 
     assert nn.TinyDecoder.__module__ == "jaxattn.nn.model"

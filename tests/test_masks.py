@@ -196,6 +196,25 @@ def test_sliding_window_int_is_symmetric_and_causal_local_is_left_only():
     assert local.sum(axis=-1).tolist() == [1, 2, 3, 3, 3, 3]
 
 
+def test_one_window_parser_for_the_mask_and_the_kernel(rng):
+    # SlidingWindowMask(window) and dot_product_attention(local_window_size=) parse alike: an
+    # int or NumPy int w is (w, w), a (left, right) tuple or list is itself; sides in [0, 2**31).
+    q = jnp.asarray(rng.standard_normal((1, 6, 1, 4)), jnp.float32)
+    for window, pair in ((np.int64(2), (2, 2)), ([2, 1], (2, 1)), ((np.int32(0), 3), (0, 3))):
+        mask = ja.SlidingWindowMask(window)
+        assert (mask.left, mask.right) == pair
+        assert type(mask.left) is int and type(mask.right) is int
+        np.testing.assert_array_equal(
+            ja.dot_product_attention(q, q, q, local_window_size=window),
+            ja.dot_product_attention(q, q, q, mask=ja.SlidingWindowMask(pair)),
+        )
+    for bad in (2**31, (0, -1)):
+        with pytest.raises(ValueError, match=re.escape("window must be in [0, 2**31)")):
+            ja.SlidingWindowMask(bad)
+        with pytest.raises(ValueError, match=re.escape("local_window_size must be in [0, 2**31)")):
+            ja.dot_product_attention(q, q, q, local_window_size=bad)
+
+
 @given(st.integers(1, 10), st.integers(0, 12))
 def test_prefix_lm_matches_brute_force(length, prefix):
     expected = grid(prefix_rule(prefix), length, length)
@@ -875,8 +894,8 @@ def test_repr_of_combined_masks_shows_every_part_and_the_nesting():
         (lambda: ja.CausalMask().materialize(0, 3), "q_len must be a positive int"),
         (lambda: ja.CausalMask().materialize(3, 2.5), "kv_len must be a positive int"),
         (lambda: ja.CausalMask().materialize(True, 3), "q_len must be a positive int"),
-        (lambda: ja.SlidingWindowMask(-1), "window sizes must be >= 0"),
-        (lambda: ja.SlidingWindowMask((2, -1)), "window sizes must be >= 0"),
+        (lambda: ja.SlidingWindowMask(-1), "window must be in [0, 2**31)"),
+        (lambda: ja.SlidingWindowMask((2, -1)), "window must be in [0, 2**31)"),
         (lambda: ja.SlidingWindowMask((1, 2, 3)), "window must be an int or a (left, right)"),
         (lambda: ja.SlidingWindowMask(2.0), "window must be an int or a (left, right)"),
         (lambda: ja.PaddingMask(), "PaddingMask needs q_lengths, kv_lengths or both"),
