@@ -26,6 +26,7 @@ PUBLIC = (
 )
 
 
+@pytest.mark.processes
 def test_import_loads_no_model_or_trainer_dependency():
     code = (
         "import sys, jaxattn; "
@@ -65,3 +66,22 @@ def test_unknown_names_and_subpackages_still_behave_as_usual():
     from jaxattn import nn  # a subpackage imports as usual
 
     assert nn.TinyDecoder.__module__ == "jaxattn.nn.model"
+
+
+def test_the_import_contracts_name_every_kernel_module():
+    """pyproject.toml's import-linter contracts (``make lint``) list the kernels by name: a
+    module added at the package's top level must join them, or nothing checks what it
+    imports."""
+    import tomllib
+    from pathlib import Path
+
+    package = Path(jaxattn.__file__).parent
+    kernels = {f"jaxattn.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"}
+    with open(package.parent / "pyproject.toml", "rb") as f:
+        contracts = tomllib.load(f)["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers")["layers"]
+    assert layers[:3] == ["jaxattn.commands", "jaxattn.train", "jaxattn.nn"]
+    assert {m.strip() for m in layers[3].split(":")} == kernels
+    forbidden = next(c for c in contracts if c["type"] == "forbidden")
+    assert set(forbidden["source_modules"]) == kernels
+    assert set(HEAVY) <= set(forbidden["forbidden_modules"])
