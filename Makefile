@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports  # the layers in pyproject.toml: commands -> train -> nn -> kernels
+	$(BIN)/lint-imports  # pyproject.toml's contracts: commands -> train -> nn -> kernels, light kernels
 
 format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q -n auto  # one worker per core: compiles are single-threaded
+	$(BIN)/python -m pytest -q -n auto --dist worksteal  # a worker per core; idle ones take queued tests
 
 # The lowest declared version of every dependency, in a venv of its own (.venv-floors).
 test-floors:
@@ -39,4 +39,4 @@ bench: venv
 	$(BIN)/python benchmarks/attention.py
 
 clean:
-	rm -rf $(VENV) .venv-floors .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-floors .pytest_cache .ruff_cache .hypothesis .import_linter_cache

@@ -85,6 +85,11 @@ def run_main(main: Callable[[], object]) -> None:
     from jaxattn.commands._ending import run_command
 
     def body() -> None:
-        main()
+        try:
+            main()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                "interrupted: the rows above are complete, the rest was not measured"
+            ) from None
 
     sys.exit(run_command(Path(sys.argv[0]).name, body))

@@ -101,10 +101,13 @@ def _check_implementation(implementation):
 def _check_blocks(block_sizes):
     if block_sizes is None:
         return None
-    if isinstance(block_sizes, tuple) and any(isinstance(b, jax.core.Tracer) for b in block_sizes):
-        raise ValueError(
-            f"block_sizes must be a tuple of ints ({_STATIC}), got {_what(block_sizes[0])}"
-        )
+    traced = (
+        [b for b in block_sizes if isinstance(b, jax.core.Tracer)]
+        if isinstance(block_sizes, tuple)
+        else []
+    )
+    if traced:
+        raise ValueError(f"block_sizes must be a tuple of ints ({_STATIC}), got {_what(traced[0])}")
     ok = (
         isinstance(block_sizes, tuple)
         and len(block_sizes) == 2

@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-__all__ = ["OneLineParser", "run_command", "step_argument"]
+__all__ = ["OneLineParser", "describe_error", "run_command", "run_errors", "step_argument"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -31,40 +31,67 @@ def step_argument(text: str):
     return int(text) if re.fullmatch(r"[0-9]+", text) else text
 
 
-def _known(err: BaseException) -> str | None:
-    """The line to print for an error a user can act on, or None for a bug (a traceback)."""
-    from jaxattn.train.config import ConfigError  # a command's errors are the trainer's
-    from jaxattn.train.rundir import RunError
-
-    if isinstance(err, ConfigError):
-        return f"config error: {err}"
-    if isinstance(err, (RunError, ValueError, ImportError)):
-        return str(err)
-    return None
-
-
 def _silence_leftovers() -> None:
     """A failed Orbax call leaves coroutines that print tracebacks when finalised at exit,
-    under the one line: silenced once the command has said what happened."""
+    under the one line: silenced once the command has said what happened (only if Orbax
+    was used at all)."""
     if "jaxattn.train._orbax_errors" in sys.modules:
         sys.modules["jaxattn.train._orbax_errors"].silence_for_exit()
 
 
-def run_command(prog: str, body: Callable[[], int | None]) -> int:
-    """``body()``'s exit status (None = 0), or one line ``<prog>: <what happened>`` on stderr
-    and 2 for a known error, 128 + signal number for an interruption. Anything else is a
-    bug and propagates with its traceback."""
+Errors = tuple[type[Exception], ...]
+
+
+def run_errors(*more: type[Exception]) -> Callable[[], Errors]:
+    """``known`` for a command on runs: the trainer's :class:`~jaxattn.train.RunError` and
+    :class:`~jaxattn.train.ConfigError`, and ``more``; imported only when needed."""
+
+    def types() -> Errors:
+        from jaxattn.train.config import ConfigError
+        from jaxattn.train.rundir import RunError
+
+        return (RunError, ConfigError, *more)
+
+    return types
+
+
+def describe_error(err: Exception) -> str:
+    """A known error's line: a config error says so first."""
+    from jaxattn.train.config import ConfigError
+
+    return f"config error: {err}" if isinstance(err, ConfigError) else str(err)
+
+
+def run_command(
+    prog: str,
+    body: Callable[[], int | None],
+    known: Errors | Callable[[], Errors] = (),
+    describe: Callable[[Exception], str] = describe_error,
+) -> int:
+    """``body()``'s exit status (None = 0), or one line ``<prog>: <what happened>`` on stderr:
+
+    - 2 for an error of a ``known`` type, the command's own (a bad config, a run directory
+      refused, a bad prompt), worded by ``describe``. ``known`` may be a function returning
+      the types, called only when something is raised: a command imports the trainer (and
+      its error types) inside ``body``, where Ctrl-C during the import is one line too;
+    - 128 + the signal number for SIGINT or SIGTERM (``KeyboardInterrupt``; a stopped
+      training run's names its step and how to resume).
+
+    Anything else is a bug and propagates with its traceback."""
     try:
         status = body()
     except KeyboardInterrupt as stop:  # TrainingInterrupted too: it names its step and run
-        print(f"{prog}: {stop or 'interrupted'}", file=sys.stderr)
+        print(f"{prog}: {str(stop) or 'interrupted'}", file=sys.stderr)
         _silence_leftovers()
         return 128 + getattr(stop, "signum", signal.SIGINT)
     except Exception as err:
-        line = _known(err)
-        if line is None:
+        try:
+            types = known() if callable(known) else known
+        except ImportError:  # the package itself is broken: the original error says how
+            raise err from None
+        if not isinstance(err, types):
             raise
-        print(f"{prog}: {line}", file=sys.stderr)
+        print(f"{prog}: {describe(err)}", file=sys.stderr)
         _silence_leftovers()
         return 2
     return 0 if status is None else status

@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from jaxattn.commands._ending import OneLineParser, run_command, step_argument
+from jaxattn.commands._ending import OneLineParser, run_command, run_errors, step_argument
 
 __all__ = ["main", "parse_prompt", "read_prompts"]
 
@@ -103,7 +103,8 @@ def _answer(args) -> list[str]:
     trained = config.task.length
     if any(len(p) != trained for p in prompts):
         print(
-            f"jaxattn.generate: note: the model was trained on prompts of {trained} symbols",
+            "jaxattn.commands.generate: note: the model was trained on prompts of "
+            f"{trained} symbols",
             file=sys.stderr,
         )
     rows = []
@@ -207,7 +208,8 @@ def main(argv=None) -> int:
         except BrokenPipeError:  # `| head`: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
 
-    return run_command("jaxattn.commands.generate", run)
+    # The run's errors, and ValueError: a prompt (PromptError) or a flag the model cannot take.
+    return run_command("jaxattn.commands.generate", run, known=run_errors(ValueError))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from jaxattn.commands._ending import OneLineParser, run_command
+from jaxattn.commands._ending import OneLineParser, run_command, run_errors
 
 # Overrides that make a run span several processes: a resume runs on one host.
 _PROCESSES = ("mesh.coordinator=", "mesh.num_processes=", "mesh.process_id=")
@@ -70,4 +70,8 @@ def main(argv=None) -> int:
             ) from None
         print(f"run directory: {result.run_dir}")
 
-    return run_command("train.py", run)
+    return run_command("train.py", run, known=run_errors())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxattn.commands._ending import OneLineParser, run_command, step_argument
+from jaxattn.commands._ending import OneLineParser, run_command, run_errors, step_argument
 
 __all__ = ["main"]
 
@@ -35,7 +35,9 @@ def main(argv=None) -> int:
         for path in draw_run(args.run_dir, example=args.example, out_dir=args.out, step=step):
             print(path)
 
-    return run_command("jaxattn.commands.viz", run)
+    # RunError: the run; ValueError: --example; ImportError: no matplotlib. Pictures are
+    # written whole or not at all, so an interruption leaves none half drawn.
+    return run_command("jaxattn.commands.viz", run, known=run_errors(ValueError, ImportError))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import typing
 
 import yaml
 
-__all__ = ["YAMLError", "dump", "load"]
+__all__ = ["YAMLError", "dump", "load", "scalar"]
 
 YAMLError = yaml.YAMLError
 

@@ -1,13 +1,17 @@
-"""Typed, frozen run configuration: one dataclass per concern, passed whole.
+"""The run's configuration: the sections assembled into one frozen :class:`Config`, loaded
+from YAML and validated.
 
-The defaults (here and in :mod:`jaxattn.nn.config`) are the values of ``configs/tiny.yaml``,
-the default run; the other shipped configs name it as their ``base`` and state only what
-differs. The YAML loader (``base`` files, dotted command-line overrides) and all validation
-of config values live below the dataclasses: the names a string field allows come from the
-module that implements them (:data:`jaxattn.train.tasks.TASKS`,
-:data:`jaxattn.train.optim.SCHEDULES`, :mod:`jaxattn.nn.layers`), and the modules that read
-a config do not check its values again. Every field has a comment; ``configs/tiny.yaml``
-documents the same fields for users.
+Each section's dataclass lives beside the code that reads it (``model``:
+:mod:`jaxattn.nn.config`, ``task``: :mod:`jaxattn.train.tasks`, ``optim``:
+:mod:`jaxattn.train.optim`, ``mesh``: :mod:`jaxattn.train.sharding`); ``train`` (the run
+itself: steps, evaluations, checkpoints) is here. Their defaults are the values of
+``configs/tiny.yaml``, the default run; the other shipped configs name it as their ``base``
+and state only what differs. The loader (``base`` files, dotted command-line overrides; the
+YAML dialect is :mod:`jaxattn.train._yaml`) and all validation of config values live below
+the dataclasses: the names a string field allows come from the module that implements them
+(:data:`jaxattn.train.tasks.TASKS`, :data:`jaxattn.train.optim.SCHEDULES`,
+:mod:`jaxattn.nn.config`), and the modules that read a config do not check its values
+again. Every field has a comment; ``configs/tiny.yaml`` documents the same fields for users.
 """
 
 from __future__ import annotations

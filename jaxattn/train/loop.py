@@ -174,5 +174,5 @@ def _check_resumable(run: RunDir, config: Config) -> None:
     if difference:
         raise RunError(
             f"cannot resume {run.path}: {difference}; resume with the run's config (see "
-            "its config.yaml) or pass --overwrite to start again"
+            f"its {path.name}) or pass --overwrite to start again"
         )

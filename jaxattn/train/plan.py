@@ -2,9 +2,10 @@
 
 :func:`make_plan` builds the schedule, the optimizer on it, the model's graph and abstract
 parameters, the abstract optimizer state, the mesh and the shardings, and the jitted train
-chunk and evaluation. The loop, the session, the disk estimate and the checkpoints read
-them from the :class:`Plan`; nothing downstream builds any of them again (two schedules
-built apart are how a logged learning rate stopped being the applied one).
+chunk and evaluation. The loop (its disk estimate, the state it initialises) and the
+session (its chunks and evaluations) read them from the :class:`Plan`; nothing downstream
+builds any of them again (two schedules built apart are how a logged learning rate stopped
+being the applied one).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any
 
 import jax
 import optax
-from flax import nnx
 
 from jaxattn.train import sharding
 from jaxattn.train.config import Config
@@ -45,7 +45,7 @@ class Plan:
     mesh: jax.sharding.Mesh | None  # None on one device: nothing to shard
     shardings: tuple | None  # (params, opt_state) NamedShardings on ``mesh``
     train_chunk: Any  # jitted (params, opt_state, key, first step, n) -> (..., metrics)
-    evaluate: Any  # jitted params -> held-out metrics
+    evaluate: Any  # params -> held-out metrics (compiled at its first call)
 
     @property
     def state_bytes(self) -> int:
@@ -56,10 +56,6 @@ class Plan:
     def init_state(self):
         """``(params, opt_state)`` of the config's seed, in their shards on the mesh."""
         return init_state(self.config, self.optimizer, self.shardings)
-
-    def pure_params(self):
-        """The abstract parameters as the plain dict checkpoints hold."""
-        return nnx.to_pure_dict(self.params)
 
 
 def mesh_for(config: Config):

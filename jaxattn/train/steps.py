@@ -123,7 +123,8 @@ def make_train_chunk(
 
 
 def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
-    """Jitted ``params -> metrics`` on the held-out set: teacher-forced loss and token
+    """``params -> metrics`` on the held-out set, jitted at its first call (the held-out
+    batch drawn then, a constant of the program): teacher-forced loss and token
     accuracy, and ``exact_match``, the fraction of sequences whose answer greedy decoding from
     ``BOS x SEP`` gets exactly right.
 
@@ -138,15 +139,15 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
     task = config.task
     prompt_len, answer_len = tasks.prompt_length(task), tasks.answer_length(task)
     first = prompt_len - 1  # index in `targets` of the first answer token
-    held_out = []  # the held-out batch, drawn at the first evaluation (building compiles nothing)
+    compiled = []  # built at the first evaluation: building a plan compiles nothing
 
     def evaluate(params):
-        if not held_out:
-            held_out.append(jax.jit(tasks.eval_batch, static_argnums=0)(task))
-        return run(params, held_out[0])
+        if not compiled:
+            batch = jax.jit(tasks.eval_batch, static_argnums=0)(task)
+            compiled.append(jax.jit(lambda params: held_out(params, batch)))  # batch: a constant
+        return compiled[0](params)
 
-    @jax.jit
-    def run(params, batch):
+    def held_out(params, batch):
         model = nnx.merge(graphdef, params)
         logits = model(batch.inputs)
         loss = cross_entropy(logits, batch.targets, batch.loss_mask, 0.0)

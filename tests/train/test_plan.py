@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 from conftest import SHORT_RUN, TINY
 
+from jaxattn.train import tasks
 from jaxattn.train.config import load_config
 from jaxattn.train.loop import train
+from jaxattn.train.optim import SCHEDULES
 from jaxattn.train.plan import make_plan
 from jaxattn.train.steps import updates
+
+# The rate is what these tests check, not what is learnt: a model that compiles fast.
+SMALL_MODEL = ("model.d_model=16", "model.num_heads=2", "model.d_ff=32", "task.length=3")
 
 
 def applied_rates(optimizer, k: int, n_updates: int) -> np.ndarray:
@@ -42,6 +47,7 @@ def test_the_logged_learning_rate_is_the_one_the_optimizer_applies(tmp_path):
         TINY,
         [
             *SHORT_RUN,
+            *SMALL_MODEL,
             f"train.run_dir={tmp_path / 'run'}",
             "train.steps=40",
             "train.eval_every=20",
@@ -82,3 +88,30 @@ def _leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_every_schedule_logs_the_rate_it_applies(schedule, k):
+    """The train chunk's per-step ``lr`` against the rates the plan's optimizer applies, for
+    every schedule, with and without accumulation (a small model: the chunk is what is
+    tested, not the learning)."""
+    config = load_config(
+        TINY,
+        [
+            *SHORT_RUN,
+            *SMALL_MODEL,
+            "task.batch_size=4",
+            "train.steps=12",
+            "train.eval_every=12",
+            "train.steps_per_call=12",
+            f"optim.accumulate_steps={k}",
+            f"optim.schedule={schedule}",
+            "optim.warmup_steps=2",
+        ],
+    )
+    plan = make_plan(config, None)
+    params, opt_state = plan.init_state()
+    _, _, metrics = plan.train_chunk(params, opt_state, tasks.seed_key(0), 0, 12)
+    rates = applied_rates(make_plan(config, None).optimizer, k, 12 // k)
+    np.testing.assert_allclose(metrics["lr"], np.repeat(rates, k), rtol=1e-5, atol=1e-9)

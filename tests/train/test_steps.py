@@ -204,12 +204,15 @@ def test_accumulating_k_micro_batches_is_one_update_on_their_union(tmp_path):
         ]
         return tasks.Batch(*(jnp.concatenate(parts) for parts in zip(*batches, strict=True)))
 
+    @jax.jit  # one program for both updates (eagerly, every op would compile on its own)
+    def update_on(params, state, batch):
+        grads = jax.grad(lambda p: loss_fn(p, graphdef, batch, None, 0.1)[0])(params)
+        updates, state = tx_1.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
     start, state_1 = params, tx_1.init(params)
     for update in range(2):
-        batch = union(update)
-        grads = jax.grad(lambda p, batch=batch: loss_fn(p, graphdef, batch, None, 0.1)[0])(params)
-        updates, state_1 = tx_1.update(grads, state_1, params)
-        params = optax.apply_updates(params, updates)
+        params, state_1 = update_on(params, state_1, union(update))
 
     got = jax.tree.leaves(jax.tree.map(jnp.subtract, params_k, start))
     expected = jax.tree.leaves(jax.tree.map(jnp.subtract, params, start))
