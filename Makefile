@@ -24,7 +24,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q -n auto --dist worksteal  # a worker per core; idle ones take queued tests
+	$(BIN)/python -m pytest -q -n auto  # one worker per core: compiles are single-threaded
 
 # The lowest declared version of every dependency, in a venv of its own (.venv-floors).
 test-floors:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,10 +31,11 @@ def applied_rates(optimizer, k: int, n_updates: int) -> np.ndarray:
     params = {"w": jnp.zeros(3)}
     grads = {"w": jnp.ones(3)}
     state = optimizer.init(params)
+    update_fn = jax.jit(optimizer.update)  # one program (eagerly, each op compiles alone)
     rates = []
     for _ in range(n_updates):
         for _ in range(k):
-            update, state = optimizer.update(grads, state, params)
+            update, state = update_fn(grads, state, params)
         rates.append(-float(update["w"][0]))
     return np.asarray(rates)
 
