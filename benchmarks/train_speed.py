@@ -47,7 +47,7 @@ _NO_SAVES = (
 )
 
 
-def run_once(config: str, *overrides: str, saves: bool = True, root: Path = ROOT) -> dict:
+def run_once(config: str, overrides=(), saves: bool = True, root: Path = ROOT) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         start = time.perf_counter()
@@ -81,29 +81,45 @@ def run_once(config: str, *overrides: str, saves: bool = True, root: Path = ROOT
     }
 
 
-def checkpoint_cost(runs: int) -> None:
-    """Whole-process time of tiny.yaml: checkpoints at every evaluation vs only at the end."""
-    modes = {
-        "every evaluation": ((), True),
-        "end only": (("train.checkpoint_every=0",), True),
-        "none (saves skipped)": ((), False),
-    }
-    results: dict = {mode: [] for mode in modes}
+def _alternating(cases: dict, runs: int) -> dict:
+    """``{name: [run_once(**kwargs), ...]}``, the cases taken in turn, forwards then backwards,
+    so that the machine's drift falls on all alike."""
+    results: dict = {name: [] for name in cases}
     for i in range(runs):
-        order = list(modes) if i % 2 == 0 else list(modes)[::-1]
-        for mode in order:
-            overrides, saves = modes[mode]
-            results[mode].append(run_once("tiny", *overrides, saves=saves))
-    print("| checkpoints | runs | saves | wall s (median) | wall s (all) | steps | exact |")
+        for name in list(cases) if i % 2 == 0 else list(cases)[::-1]:
+            results[name].append(run_once("tiny", **cases[name]))
+    return results
+
+
+def _median(rs: list, key: str) -> float:
+    return statistics.median(r[key] for r in rs)
+
+
+def _table(results: dict, first: str, column: str, cell) -> None:
+    """One row per case: its runs, ``cell(runs)`` under ``column``, then the wall times,
+    steps and exact-match."""
+    print(f"| {first} | runs | {column} | wall s (median) | wall s (all) | steps | exact |")
     print("|---|---|---|---|---|---|---|")
-    for mode, rs in results.items():
+    for name, rs in results.items():
         walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
         print(
-            f"| {mode} | {len(rs)} | {rs[0]['checkpoints']} kept | "
-            f"{statistics.median(r['wall_s'] for r in rs):.2f} | {walls} | {rs[0]['steps']} | "
-            f"{min(r['exact_match'] for r in rs):.4f} |"
+            f"| {name} | {len(rs)} | {cell(rs)} | {_median(rs, 'wall_s'):.2f} | {walls} | "
+            f"{rs[0]['steps']} | {min(r['exact_match'] for r in rs):.4f} |"
         )
-    every, end, none = (statistics.median(r["wall_s"] for r in results[m]) for m in modes)
+
+
+def checkpoint_cost(runs: int) -> None:
+    """Whole-process time of tiny.yaml: checkpoints at every evaluation vs only at the end."""
+    results = _alternating(
+        {
+            "every evaluation": {},
+            "end only": {"overrides": ("train.checkpoint_every=0",)},
+            "none (saves skipped)": {"saves": False},
+        },
+        runs,
+    )
+    _table(results, "checkpoints", "saves", lambda rs: f"{rs[0]['checkpoints']} kept")
+    every, end, none = (_median(rs, "wall_s") for rs in results.values())
     print()
     for name, base in (("end only", end), ("none", none)):
         print(f"every evaluation / {name}: {every / base:.3f} ({100 * (every / base - 1):+.1f}%)")
@@ -111,23 +127,10 @@ def checkpoint_cost(runs: int) -> None:
 
 def against(other: Path, runs: int) -> None:
     """tiny.yaml with this tree and with ``other``, alternating; medians and their ratio."""
-    trees = {"this tree": ROOT, f"{other}": other}
-    results: dict = {name: [] for name in trees}
-    for i in range(runs):
-        for name in list(trees) if i % 2 == 0 else list(trees)[::-1]:
-            results[name].append(run_once("tiny", root=trees[name]))
-    print("| tree | runs | wall s (median) | wall s (all) | steps/s (median) | steps | exact |")
-    print("|---|---|---|---|---|---|---|")
-    for name, rs in results.items():
-        walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
-        print(
-            f"| {name} | {len(rs)} | {statistics.median(r['wall_s'] for r in rs):.2f} | "
-            f"{walls} | {statistics.median(r['steps_per_s'] for r in rs):.1f} | "
-            f"{rs[0]['steps']} | {min(r['exact_match'] for r in rs):.4f} |"
-        )
-    mine, theirs = (statistics.median(r["wall_s"] for r in rs) for rs in results.values())
-    rate_mine, rate_theirs = (
-        statistics.median(r["steps_per_s"] for r in rs) for rs in results.values()
+    results = _alternating({"this tree": {"root": ROOT}, f"{other}": {"root": other}}, runs)
+    _table(results, "tree", "steps/s (median)", lambda rs: f"{_median(rs, 'steps_per_s'):.1f}")
+    (mine, theirs), (rate_mine, rate_theirs) = (
+        [_median(rs, key) for rs in results.values()] for key in ("wall_s", "steps_per_s")
     )
     print(
         f"\nwall: this tree / other = {mine / theirs:.3f}; steps/s: {rate_mine / rate_theirs:.3f}"

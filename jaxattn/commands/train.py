@@ -20,18 +20,17 @@ import sys
 
 from jaxattn.commands._ending import OneLineParser, run_command, run_errors
 
-# Overrides that make a run span several processes: a resume runs on one host.
-_PROCESSES = ("mesh.coordinator=", "mesh.num_processes=", "mesh.process_id=")
-
 
 def _resume_command(argv: list[str], several: bool = False) -> str:
     """The command line that continues this run, as the user started it (same directory);
     for a run over several processes, on one host (its checkpoints hold whole arrays)."""
     script = sys.argv[0] if sys.argv[0].endswith("train.py") else "train.py"
     args = [a for a in argv if a not in ("--resume", "--overwrite")]
-    if several:
-        args = [a for a in args if not a.startswith(_PROCESSES)]
-        args += ["mesh.coordinator=null", "mesh.num_processes=null", "mesh.process_id=null"]
+    if several:  # the keys that made it span processes, reset: a resume runs on one host
+        from jaxattn.train.distributed import PROCESS_KEYS
+
+        args = [a for a in args if not a.startswith(tuple(f"{k}=" for k in PROCESS_KEYS))]
+        args += [f"{k}=null" for k in PROCESS_KEYS]
     command = shlex.join(["python", script, *args, "--resume"])
     return f"{command} (on one host, JAX_COORDINATOR_ADDRESS unset)" if several else command
 

@@ -32,6 +32,7 @@ import numpy as np
 from jaxattn.train.rundir import RunError
 
 __all__ = [
+    "PROCESS_KEYS",
     "agree",
     "check_same",
     "coordinator_named",
@@ -41,6 +42,9 @@ __all__ = [
     "is_writer",
     "open_agreed",
 ]
+
+# The config keys that make a run span several processes (each has a JAX_* variable too).
+PROCESS_KEYS = ("mesh.coordinator", "mesh.num_processes", "mesh.process_id")
 
 
 def is_host_port(v: str) -> bool:

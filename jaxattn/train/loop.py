@@ -54,7 +54,7 @@ def train(
     if resume and distributed.coordinator_named(config.mesh):  # refused before joining
         raise RunError(
             "--resume of a run over several processes is not supported: resume it on "
-            "one host, without mesh.coordinator, mesh.num_processes, mesh.process_id and "
+            f"one host, without {', '.join(distributed.PROCESS_KEYS)} and "
             "JAX_COORDINATOR_ADDRESS (its checkpoints hold whole arrays, any mesh loads them)"
         )
     # Before JAX touches a device: after it, jax.devices() lists every process's devices.

@@ -43,9 +43,7 @@ RESUMABLE_DIFFERENCES = (
     "mesh.data",  # the mesh may change: the same steps, sharded otherwise
     "mesh.fsdp",
     "mesh.tensor",
-    "mesh.coordinator",  # which processes run it: the same steps on the devices they have
-    "mesh.num_processes",
-    "mesh.process_id",
+    *distributed.PROCESS_KEYS,  # which processes run it: the same steps on their devices
 )
 _PER_STEP = ("loss", "accuracy", "lr", "nonfinite")  # per-step values kept until an evaluation
 
