@@ -199,10 +199,13 @@ def _cross_field_errors(config: Config):
             f"{mesh.process_id}, num_processes={mesh.num_processes}"
         )
     o, tr = config.optim, config.train
-    if o.accumulate_steps > tr.steps:
+    if tr.steps % o.accumulate_steps:  # the last micro-batches would be computed and lost
+        lower = tr.steps - tr.steps % o.accumulate_steps
+        fits = f"train.steps={lower} or " if lower else ""
         yield (
-            f"optim.accumulate_steps={o.accumulate_steps} micro-batches per update is more than "
-            f"train.steps={tr.steps}: the run would make no update"
+            f"train.steps={tr.steps} is not a multiple of optim.accumulate_steps="
+            f"{o.accumulate_steps}: its last {tr.steps % o.accumulate_steps} micro-batches "
+            f"would make no update; use {fits}train.steps={lower + o.accumulate_steps}"
         )
     if tr.checkpoint_every and tr.checkpoint_every % chunk_size(tr):
         yield (

@@ -13,7 +13,7 @@ import pytest
 from conftest import SHORT_RUN, TINY
 
 from jaxattn.train import tasks
-from jaxattn.train.config import load_config
+from jaxattn.train.config import ConfigError, load_config
 from jaxattn.train.loop import train
 from jaxattn.train.optim import SCHEDULES
 from jaxattn.train.plan import make_plan
@@ -117,3 +117,18 @@ def test_every_schedule_logs_the_rate_it_applies(schedule, k):
     _, _, metrics = plan.train_chunk(params, opt_state, tasks.seed_key(0), 0, 12)
     rates = applied_rates(make_plan(config, None).optimizer, k, 12 // k)
     np.testing.assert_allclose(metrics["lr"], np.repeat(rates, k), rtol=1e-5, atol=1e-9)
+
+
+def test_steps_that_end_inside_an_accumulation_are_refused_naming_the_steps_that_fit():
+    # 10 micro-batches of 4 per update: the last 2 would be computed and thrown away, and
+    # the schedule would count 3 updates of which 2 happen.
+    with pytest.raises(ConfigError) as refused:
+        load_config(TINY, ["train.steps=10", "optim.accumulate_steps=4"])
+    assert str(refused.value) == (
+        "train.steps=10 is not a multiple of optim.accumulate_steps=4: its last 2 "
+        "micro-batches would make no update; use train.steps=8 or train.steps=12"
+    )
+    with pytest.raises(ConfigError, match=r"last 3 micro-batches .* use train.steps=4$"):
+        load_config(TINY, ["train.steps=3", "optim.accumulate_steps=4"])
+    config = load_config(TINY, ["train.steps=12", "optim.accumulate_steps=4"])
+    assert updates(config) == 3
