@@ -1,5 +1,6 @@
 """The YAML dialect of config files: PyYAML's safe loader with YAML 1.2 floats (``1e-3`` is a
-float) and duplicate keys refused, and a dumper whose output that loader reads back."""
+float), duplicate keys refused and merge keys (``<<: *defaults``) as the YAML merge type
+defines them, and a dumper whose output that loader reads back."""
 
 from __future__ import annotations
 
@@ -21,24 +22,73 @@ class _Dumper(yaml.SafeDumper):
     """Quotes strings such as ``'1e-3'`` that ``_Loader`` would read back as floats."""
 
 
-def _mapping_without_duplicates(loader, node, deep=False):
-    """PyYAML keeps the last of two equal keys; a config with both is a mistake."""
-    seen: dict = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if isinstance(key, typing.Hashable) and key in seen:
+_MERGE = "tag:yaml.org,2002:merge"  # the key ``<<``
+_VALUE = "tag:yaml.org,2002:value"  # the key ``=``, a plain string to the safe loader
+
+
+def _merged(loader, value_node, deep) -> dict:
+    """What ``<<: value`` brings in: a mapping, or a list of mappings of which the earlier
+    win (https://yaml.org/type/merge.html; PyYAML 6.0.4 lets the later win for keys longer
+    than a character, yaml/pyyaml#953, so the rule is applied here, not left to it)."""
+    nodes = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+    merged: dict = {}
+    for node in nodes:
+        if not isinstance(node, yaml.MappingNode):
             raise yaml.constructor.ConstructorError(
                 None,
                 None,
-                f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                f"<< merges a mapping or a list of mappings, not a {node.id}",
+                node.start_mark,
+            )
+        mapping = loader.construct_object(node, deep=deep)
+        if not isinstance(mapping, dict):  # a !!set, say
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"<< merges a mapping, not a {node.tag.replace('tag:yaml.org,2002:', '!!')}",
+                node.start_mark,
+            )
+        for key, value in mapping.items():
+            merged.setdefault(key, value)
+    return merged
+
+
+def _mapping(loader, node, deep=False) -> dict:
+    """A mapping, its ``<<`` merges first and its own keys over them. Built here rather than
+    by PyYAML's ``flatten_mapping``, which rewrites the node in place: a mapping reused by
+    an alias would then show the merged keys beside its own, as duplicates. Two equal keys
+    in one mapping (``<<`` included) are refused: PyYAML keeps the last; in a config it is a
+    mistake."""
+    merged: dict = {}
+    own: dict = {}
+    lines: dict = {}
+    for key_node, value_node in node.value:
+        key = (
+            key_node.value
+            if key_node.tag in (_MERGE, _VALUE)
+            else loader.construct_object(key_node, deep=deep)
+        )
+        if not isinstance(key, typing.Hashable):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a scalar, not a {key_node.id}", key_node.start_mark
+            )
+        if key in lines:
+            several = "; merge several mappings with one: <<: [*a, *b]" if key == "<<" else ""
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {lines[key] + 1}){several}",
                 key_node.start_mark,
             )
-        if isinstance(key, typing.Hashable):
-            seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
+        lines[key] = key_node.start_mark.line
+        if key_node.tag == _MERGE:
+            merged = _merged(loader, value_node, deep)
+        else:
+            own[key] = loader.construct_object(value_node, deep=deep)
+    return {**merged, **own}
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 _FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 for _cls in (_Loader, _Dumper):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from jaxattn.nn.config import ACTIVATIONS, NORMS, POSITIONS
-from jaxattn.train import optim, tasks
+from jaxattn.train import _yaml, optim, tasks
 from jaxattn.train.config import (
     Config,
     ConfigError,
@@ -559,6 +559,115 @@ def test_duplicate_yaml_keys_are_refused(tmp_path, text, key, first, second):
     assert str(path) in message
     assert f"duplicate key {key!r} (first at line {first})" in message
     assert f"at line {second}," in message
+
+
+def test_a_merge_key_config_loads_as_the_spelled_out_one(tmp_path):
+    # The duplicate-key check refused every merge ("could not determine a constructor for
+    # the tag 'tag:yaml.org,2002:merge'").
+    spelled = load_config(write(tmp_path, SPELLED_OUT, "spelled.yaml"))
+    merged = load_config(write(tmp_path, MERGED, "merged.yaml"))
+    assert merged == spelled
+    assert (merged.model.d_model, merged.model.num_heads, merged.model.num_layers) == (32, 2, 1)
+    assert (merged.train.steps, merged.train.seed) == (7, 7)
+
+
+SPELLED_OUT = """\
+name: exp
+model:
+  d_model: 32
+  num_heads: 2
+  num_layers: 1
+train:
+  steps: 7
+  seed: 7
+"""
+MERGED = """\
+name: exp
+model:
+  <<: &small {d_model: 32, num_heads: 2}
+  num_layers: 1
+train:
+  <<: &seven {steps: 7}
+  seed: 7
+"""
+
+
+def test_a_list_merge_takes_the_earlier_mapping_first(tmp_path):
+    text = (
+        "model:\n"
+        "  <<: [&width {d_model: 32, d_ff: 64}, &heads {num_heads: 2, d_model: 48}]\n"
+        "  num_layers: 1\n"
+    )
+    config = load_config(write(tmp_path, text))
+    # https://yaml.org/type/merge.html: earlier mappings override later ones (whatever the
+    # installed PyYAML does: 6.0.4 lets the later win for keys longer than a character).
+    assert (config.model.d_model, config.model.d_ff, config.model.num_heads) == (32, 64, 2)
+    assert config.model.num_layers == 1
+
+
+def test_an_explicit_key_overrides_a_merged_one_wherever_it_stands(tmp_path):
+    for text in (
+        "model:\n  <<: &small {d_model: 32, num_heads: 2}\n  d_model: 48\n",
+        "model:\n  d_model: 48\n  <<: &small {d_model: 32, num_heads: 2}\n",
+    ):
+        config = load_config(write(tmp_path, text))
+        assert (config.model.d_model, config.model.num_heads) == (48, 2)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: &a {x: 1, y: 1}\nb: &b {x: 2, z: 2}\nc: {<<: [*a, *b], w: 3}\nd: {<<: *a, x: 9}\n",
+        "a: &a {k: [1, 2], m: {n: 1}}\nb: {<<: *a, n: 2}\nc: *a\n=: 4\n",
+        # A mapping with a merge, reused by an alias: its merged keys are not duplicates.
+        "first:\n  <<: &d\n    <<: &base {source: staging}\n    source: prod\nsecond: *d\n",
+    ],
+)
+def test_merges_read_as_the_safe_loader_reads_them(text):
+    assert _yaml.load(text) == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (
+            "model:\n  <<: &w {d_model: 32}\n  d_model: 48\n  d_model: 64\n",
+            "'d_model' (first at line 3)",
+        ),
+        (
+            "model:\n  <<: &w {d_model: 32, d_model: 48}\n",
+            "duplicate key 'd_model' (first at line 2)",
+        ),
+        (
+            "model:\n  <<: &a {d_model: 32}\n  <<: &b {d_ff: 64}\n",
+            "duplicate key '<<' (first at line 2)",
+        ),
+    ],
+    ids=["own keys", "inside a merged mapping", "two merges"],
+)
+def test_a_duplicate_key_is_still_refused_beside_a_merge(tmp_path, text, says):
+    path = write(tmp_path, text)
+    message = error(path)
+    assert message.startswith(f"invalid YAML in {path}: ") and "duplicate key" in message
+    assert says in message
+
+
+@pytest.mark.parametrize(
+    ("text", "says", "line"),
+    [
+        ("model:\n  <<: 32\n", "<< merges a mapping or a list of mappings, not a scalar", 2),
+        ("model:\n  <<: [{d_model: 32}, 7]\n", "<< merges a mapping or a list of mappings", 2),
+        ("model:\n  <<: !!set {d_model}\n", "<< merges a mapping, not a !!set", 2),
+        ("model: &m\n  <<: *m\n", "found unconstructable recursive node", 1),
+        ("model:\n  <<: !!python/name:os.system {}\n", "could not determine a constructor", 2),
+    ],
+    ids=["a scalar", "a scalar in a list", "a set", "itself", "a python tag"],
+)
+def test_a_merge_of_a_non_mapping_is_one_line(tmp_path, text, says, line):
+    path = write(tmp_path, text)
+    message = error(path)
+    assert message.startswith(f"invalid YAML in {path}: {says}")
+    assert f" at line {line}," in message
 
 
 def test_same_key_in_different_sections_is_not_a_duplicate(tmp_path):
