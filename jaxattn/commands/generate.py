@@ -6,13 +6,13 @@ task's format (``BOS x1 .. xL SEP``), generates with the key/value cache
 (:func:`jaxattn.nn.generate`) and prints the answer, one line per prompt. ``--prompts-file``
 reads one prompt per line (blank lines and ``#`` comments skipped); prompts of different
 lengths are decoded in one batch. Every failure is one line on stderr and exit status 2
-(130 on Ctrl-C).
+(130 on Ctrl-C; 1 or 141 when the answers cannot be written, as
+:func:`~jaxattn.commands._ending.run_command` says).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -202,11 +202,7 @@ def main(argv=None) -> int:
     args.step = step_argument(args.step)
 
     def run() -> None:
-        lines = _answer(args)
-        try:
-            print("\n".join(lines), flush=True)
-        except BrokenPipeError:  # `| head`: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        print("\n".join(_answer(args)))
 
     # The run's errors, and ValueError: a prompt (PromptError) or a flag the model cannot take.
     return run_command("jaxattn.commands.generate", run, known=run_errors(ValueError))
