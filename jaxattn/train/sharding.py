@@ -93,7 +93,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all of them).
 
     One size may be -1: all the devices the others leave. The sizes must multiply to the
-    number of devices. Raises :class:`MeshError` naming the sizes and the device count.
+    number of devices, all of them used. Raises :class:`MeshError` naming the sizes, the
+    devices they use and those there are, and what to change.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
@@ -101,24 +102,44 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         raise MeshError(
             f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}"
         )
-    known = math.prod(s for s in sizes if s != -1)
+    n = len(devices)
+    mesh = f"mesh data={data}, fsdp={fsdp}, tensor={tensor}"
+    owner = "this process has" if jax.process_count() == 1 else "the run's processes have"
     if -1 in sizes:
-        if len(devices) % known:
+        rest = [a for a, s in zip(AXES, sizes, strict=True) if s != -1]
+        known = math.prod(s for s in sizes if s != -1)
+        if n % known:
             raise MeshError(
-                f"mesh data={data}, fsdp={fsdp}, tensor={tensor}: this process sees "
-                f"{_devices(len(devices))}, not a multiple of {known}"
+                f"{mesh} cannot use the {_devices(n)} {owner}: {' x '.join(rest)} = "
+                f"{known} must divide {n} ({AXES[sizes.index(-1)]}=-1 takes the rest), or "
+                f"{_visible(f'a multiple of {known}', known)}"
             )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        sizes[sizes.index(-1)] = n // known
+    used = math.prod(sizes)
+    if used != n:
+        others = sizes[1] * sizes[2]
+        fit = (
+            f"mesh.data={n // others}"
+            if n % others == 0
+            else f"mesh.data={n} mesh.fsdp=1 mesh.tensor=1"
+        )
         raise MeshError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-            f"{math.prod(sizes)} devices, this process sees {_devices(len(devices))}"
+            f"{mesh} uses {_devices(used)} but {owner} {n}: data x fsdp x tensor must "
+            f"equal {n} (e.g. {fit}), or {_visible(str(used), used)}"
         )
     return Mesh(np.asarray(devices).reshape(sizes), AXES)
 
 
 def _devices(n: int) -> str:
     return f"{n} device" + ("" if n == 1 else "s")
+
+
+def _visible(how_many: str, count: int) -> str:
+    """How to change the devices JAX sees (before it starts)."""
+    return (
+        f"make {how_many} devices visible (CUDA_VISIBLE_DEVICES; on CPU "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={count})"
+    )
 
 
 def _names(path) -> list[str]:

@@ -50,12 +50,30 @@ def test_rules_shard_weights_over_fsdp_and_tensor_where_the_axis_divides():
     assert spec(["count"], (), (1, 4, 2)) == P()
 
 
+CPU_COUNT = "XLA_FLAGS=--xla_force_host_platform_device_count"
+
+
 @pytest.mark.parametrize(
     ("sizes", "says"),
     [
         ((-1, -1, 1), "at most one mesh axis may be -1"),
-        ((3, 1, 1), "mesh data=3 x fsdp=1 x tensor=1 needs 3 devices, this process sees 1 device"),
-        ((-1, 2, 1), "this process sees 1 device, not a multiple of 2"),
+        (
+            (3, 1, 1),
+            "mesh data=3, fsdp=1, tensor=1 uses 3 devices but this process has 1: "
+            "data x fsdp x tensor must equal 1 (e.g. mesh.data=1), or make 3 devices visible "
+            f"(CUDA_VISIBLE_DEVICES; on CPU {CPU_COUNT}=3)",
+        ),
+        (
+            (1, 2, 2),
+            "uses 4 devices but this process has 1: data x fsdp x tensor must equal 1 "
+            "(e.g. mesh.data=1 mesh.fsdp=1 mesh.tensor=1)",
+        ),
+        (
+            (-1, 2, 1),
+            "mesh data=-1, fsdp=2, tensor=1 cannot use the 1 device this process has: "
+            "fsdp x tensor = 2 must divide 1 (data=-1 takes the rest), or make a multiple of 2 "
+            f"devices visible (CUDA_VISIBLE_DEVICES; on CPU {CPU_COUNT}=2)",
+        ),
     ],
 )
 def test_a_mesh_these_devices_cannot_make_is_one_line(sizes, says):
@@ -66,7 +84,7 @@ def test_a_mesh_these_devices_cannot_make_is_one_line(sizes, says):
 
 def test_train_refuses_an_impossible_mesh_before_creating_the_run_directory(tmp_path):
     config = load_config(TINY, [f"train.run_dir={tmp_path / 'run'}", "mesh.tensor=2"])
-    with pytest.raises(RunError, match="tensor=2: this process sees 1 device, not a multiple of 2"):
+    with pytest.raises(RunError, match="tensor=2 cannot use the 1 device this process has"):
         train(config, log=lambda _: None)
     assert not (tmp_path / "run").exists()
 
@@ -77,13 +95,20 @@ SHARDED = textwrap.dedent(
     import numpy as np
     from jaxattn.train import sharding, tasks
     from jaxattn.train.config import load_config
-    from jaxattn.train.plan import make_plan
+    from jaxattn.train.plan import make_plan, mesh_for
+    from jaxattn.train.rundir import RunError
     import jax
     from flax import nnx
     from jaxattn.nn import decoding
 
 
     config = load_config(sys.argv[1], ["train.steps=20", "model.num_layers=1"])
+    refused = {}  # what a run says of a mesh that does not use the 4 devices, too few or many
+    for mesh in (["mesh.data=3"], ["mesh.data=8"], ["mesh.tensor=3"]):
+        try:
+            mesh_for(load_config(sys.argv[1], mesh))
+        except RunError as err:
+            refused[" ".join(mesh)] = str(err)
     key = tasks.seed_key(0)
     prompts = np.asarray(tasks.eval_batch(config.task).inputs[:16, :12])  # BOS x1..x10 SEP
     out = {}
@@ -113,7 +138,7 @@ SHARDED = textwrap.dedent(
         out[name]["eval_loss"] = float(evaluation["eval_loss"])
         out[name]["generated"] = np.asarray(generated).tolist()
         out[name]["prefill_logits"] = np.asarray(logits).tolist()
-    print(json.dumps(out))
+    print(json.dumps({"meshes": out, "refused": refused}))
     """
 )
 
@@ -135,7 +160,8 @@ def _python(code: str, devices: int, *args) -> str:
 
 @pytest.mark.processes
 def test_20_steps_on_three_meshes_give_the_losses_of_one_device_with_the_rules_shards():
-    out = json.loads(_python(SHARDED, 4, TINY))
+    result = json.loads(_python(SHARDED, 4, TINY))
+    out = result["meshes"]
     one = np.asarray(out["one"]["loss"])
     for name in ("data=4", "fsdp=4", "data=2 x tensor=2"):
         # Sharded reductions add in another order: float32 rounding, nothing more.
@@ -154,6 +180,18 @@ def test_20_steps_on_three_meshes_give_the_losses_of_one_device_with_the_rules_s
     assert out["fsdp=4"]["q_shard"] == [16, 64] and out["fsdp=4"]["up_mu_shard"] == [16, 256]
     assert out["data=2 x tensor=2"]["q_shard"] == [64, 32]
     assert out["data=2 x tensor=2"]["up_mu_shard"] == [64, 128]
+    # A mesh that does not use the 4 devices: it said "needs 3 devices, this process sees 4
+    # devices", which reads as too few.
+    fix = "data x fsdp x tensor must equal 4 (e.g. mesh.data=4)"
+    assert result["refused"] == {
+        "mesh.data=3": f"mesh data=3, fsdp=1, tensor=1 uses 3 devices but this process has 4: "
+        f"{fix}, or make 3 devices visible (CUDA_VISIBLE_DEVICES; on CPU {CPU_COUNT}=3)",
+        "mesh.data=8": f"mesh data=8, fsdp=1, tensor=1 uses 8 devices but this process has 4: "
+        f"{fix}, or make 8 devices visible (CUDA_VISIBLE_DEVICES; on CPU {CPU_COUNT}=8)",
+        "mesh.tensor=3": "mesh data=-1, fsdp=1, tensor=3 cannot use the 4 devices this "
+        "process has: fsdp x tensor = 3 must divide 4 (data=-1 takes the rest), or make a "
+        f"multiple of 3 devices visible (CUDA_VISIBLE_DEVICES; on CPU {CPU_COUNT}=3)",
+    }
 
 
 RUN = textwrap.dedent(
