@@ -8,6 +8,7 @@ written whole or not at all.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from jaxattn.commands._ending import OneLineParser, run_command, run_errors, step_argument
@@ -27,6 +28,9 @@ def main(argv=None) -> int:
         "--step", default="best", help="checkpoint to draw: best (default), latest or a step"
     )
     args = parser.parse_args(argv)
+    out = None if args.out is None else os.path.expanduser(args.out)
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {args.out} is a file, not a directory")  # before the run is read
 
     def run() -> None:
         from jaxattn.train.pictures import draw_run

@@ -198,6 +198,16 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _refuse_a_file_in_the_way(path: Path) -> None:
+    """RunError when ``path``, or a folder it would be created in, is a file (mkdir says
+    only "File exists" or "Not a directory")."""
+    in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way == path:
+        raise RunError(f"{path} is a file, not a directory")
+    if in_the_way is not None:
+        raise RunError(f"cannot create {path}: {in_the_way} is a file, not a directory")
+
+
 def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Path]:
     """Write ``attention.png`` (every layer and head on one held-out sequence) and
     ``curves.png`` (losses, held-out accuracy and exact-match, learning rate against step)
@@ -217,6 +227,7 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
 
     run = RunDir(Path(run_dir).expanduser())
     out = RunDir(run.path if out_dir is None else Path(out_dir).expanduser())
+    _refuse_a_file_in_the_way(out.path)  # before the run is read: seconds
     model, config = load_run(run.path, step=step)
     records = read_metrics(run.metrics)
     batch = tasks.eval_batch(config.task)
@@ -225,7 +236,7 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
     try:
         out.path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunError.writing(out.path, err) from None
+        raise RunError(f"cannot create {out.path}: {describe_os_error(err)}") from None
     for path in out.pictures:  # both writable before either is drawn
         if path.is_dir():
             raise RunError(f"cannot write {path}: it is a directory")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +20,8 @@ from conftest import ROOT, short_config
 
 from jaxattn.commands.viz import main
 from jaxattn.train.loop import train
-from jaxattn.train.pictures import plot_attention
+from jaxattn.train.pictures import draw_run, plot_attention
+from jaxattn.train.rundir import RunError
 
 TWO_LAYERS = ("model.num_layers=2", "task.eval_size=16")  # the pictures show two layers
 
@@ -144,15 +148,60 @@ def test_viz_cli_on_a_corrupt_checkpoint_is_one_line_and_draws_nothing(run_copy,
     assert listing(run_copy) == before
 
 
-@pytest.mark.parametrize("out", ["/proc/x", "{run}/config.yaml/pictures"])
-def test_viz_out_to_an_unwritable_place_is_one_line(run_copy, capsys, out):
-    out = out.format(run=run_copy)
+@pytest.mark.parametrize(
+    ("out", "why"),
+    [
+        ("/proc/x", "No such file or directory"),
+        # mkdir said "Not a directory", of the path it was given.
+        ("{run}/config.yaml/pictures", "{run}/config.yaml is a file, not a directory"),
+        ("{run}/config.yaml/a/b", "{run}/config.yaml is a file, not a directory"),
+    ],
+    ids=["no place", "under a file", "deep under a file"],
+)
+def test_viz_out_to_an_unwritable_place_is_one_line(run_copy, capsys, out, why):
+    out, why = out.format(run=run_copy), why.format(run=run_copy)
     before = listing(run_copy)
     assert main([str(run_copy), "--out", out]) == 2
-    line = one_stderr_line(capsys)
-    assert out in line and "cannot write" in line
+    assert one_stderr_line(capsys) == f"jaxattn.commands.viz: cannot create {out}: {why}"
     assert listing(run_copy) == before
     assert not any(p.name.endswith(".png") for p in run_copy.rglob("*"))
+
+
+def test_viz_out_in_a_read_only_folder_names_it_and_the_reason(run_copy, tmp_path, capsys):
+    out = tmp_path / "read-only" / "pictures"
+    mkdir = Path.mkdir
+
+    def refused(self, *args, **kwargs):  # as a read-only folder does (root may write anyway)
+        if self == out:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return mkdir(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "mkdir", refused)
+        assert main([str(run_copy), "--out", str(out)]) == 2
+    assert one_stderr_line(capsys) == (
+        f"jaxattn.commands.viz: cannot create {out}: {os.strerror(errno.EACCES)}"
+    )
+    assert not out.exists()
+
+
+def test_viz_out_that_is_a_file_is_refused_and_left_untouched(run_copy, tmp_path, capsys):
+    # It said "cannot write <file>: File exists", after loading the run.
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    before = (listing(run_copy), afile.stat().st_mtime_ns)
+    with pytest.raises(SystemExit) as stop:
+        main([str(run_copy), "--out", str(afile)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"python -m jaxattn.commands.viz: --out {afile} is a file, not a directory (see --help)"
+    ]
+    assert (listing(run_copy), afile.stat().st_mtime_ns) == before
+    assert afile.read_text() == "mine\n" and listing(tmp_path) == ["afile", "run"]
+    # draw_run itself, before it reads the run.
+    with pytest.raises(RunError, match=f"^{re.escape(str(afile))} is a file, not a directory$"):
+        draw_run(tmp_path / "no run", out_dir=afile)
 
 
 def test_viz_out_writes_both_pictures_there_and_nothing_into_the_run(run_copy, tmp_path, capsys):
