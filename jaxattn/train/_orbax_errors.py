@@ -1,4 +1,5 @@
-"""Turning what Orbax and TensorStore raise into one line naming a file and a reason.
+"""Turning what Orbax and TensorStore raise into one line naming a file and a reason (never
+a Python object's repr, which TensorStore puts in its messages).
 
 Their errors are long (a TensorStore status with a spec, often hundreds of characters) and
 the operating system's reason ("No space left on device") sits inside them. When one part
@@ -43,20 +44,43 @@ def _chain(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
+# Python objects' reprs in an error's text, which tell a user nothing: TensorStore ends a
+# failed read with "See full TensorStore details: <bound method ...spec of TensorStore({...})>"
+# (a spec of a hundred lines), and a default repr reads "<module.Class object at 0x7f...>".
+_BOUND_METHOD = re.compile(r"<bound method ")
+_OBJECT = re.compile(r"<(?:[\w.]+\.)?(\w+) object at 0x[0-9a-fA-F]+>")
+_LEADS_TO_IT = re.compile(r"(?:^|(?<=[.;]))[^.;]*:\s*$")  # "See full TensorStore details:"
+
+
+def _has_repr(text: str) -> bool:
+    return bool(_BOUND_METHOD.search(text) or _OBJECT.search(text))
+
+
+def without_reprs(text: str) -> str:
+    """``text`` without Python objects' reprs: a bound method's (of unbounded length) ends
+    the text, with the words that lead to it; ``<pkg.Name object at 0x...>`` becomes Name."""
+    cut = _BOUND_METHOD.search(text)
+    if cut:
+        text = _LEADS_TO_IT.sub("", text[: cut.start()].rstrip()).rstrip()
+    return _OBJECT.sub(r"\1", text)
+
+
 def first_line(err: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
+    text = " ".join(without_reprs(str(err)).split()) or type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def reason(err: BaseException) -> str:
-    """The operating system's reason somewhere in ``err``'s chain, else its first line."""
+    """The operating system's reason somewhere in ``err``'s chain, else the first line of
+    the first error in it whose text holds no object's repr (TensorStore's outer error
+    holds one; the error it wraps says what went wrong), without reprs in any case."""
     for e in _chain(err):
         if isinstance(e, OSError) and e.strerror:
             return e.strerror
         found = next((r for r in _OS_REASONS if r in str(e)), None)
         if found:
             return found
-    return first_line(err)
+    return first_line(next((e for e in _chain(err) if not _has_repr(str(e))), err))
 
 
 def file_in(err: BaseException, root: Path) -> str | None:

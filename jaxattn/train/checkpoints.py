@@ -17,7 +17,8 @@ last ``keep`` steps and the best one by held-out exact-match (ties: lower held-o
   since the last evaluation) so that a resumed run continues bit for bit.
 
 Every failure to read a checkpoint is a :class:`RunError` with one line naming the file or
-the key.
+the key, or saying that the checkpoint went away while it was read (another process deleted
+it).
 """
 
 from __future__ import annotations
@@ -295,15 +296,9 @@ class Checkpoints:
         the model spec and array digests that every restore checks)."""
         ocp = self._ocp
         where = self.step_dir(step) / "meta"
-        try:
-            with errors.quiet():
-                args = ocp.args.Composite(meta=ocp.args.JsonRestore())
-                meta = self._manager.restore(step, args=args)["meta"]
-        except Exception as err:
-            raise RunError(
-                f"{errors.where(err, where)}: cannot read the checkpoint's metadata "
-                f"({errors.reason(err)})"
-            ) from None
+        with self._reading(step, where, "cannot read the checkpoint's metadata"):
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            meta = self._manager.restore(step, args=args)["meta"]
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise RunError(f"{where}: not a checkpoint of this jaxattn (format {found!r})")
@@ -393,9 +388,34 @@ class Checkpoints:
 
         abstract = jax.tree.map(target, like)
         args = ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
+        with self._reading(step, self.step_dir(step) / item, "cannot read the checkpoint"):
+            return self._manager.restore(step, args=args)[item]
+
+    @contextlib.contextmanager
+    def _reading(self, step: int, where: Path, what: str):
+        """Around one Orbax read of ``step``: a failure is one RunError, ``<where>: <what>
+        (<reason>)``, or, when the step or files of it went away meanwhile (another process
+        deleted it: a trainer keeping its last checkpoints), says so; that is worth trying
+        again."""
+        before = self._files(step)
         try:
             with errors.quiet():
-                return self._manager.restore(step, args=args)[item]
+                yield
         except Exception as err:
-            where = errors.where(err, self.step_dir(step) / item)
-            raise RunError(f"{where}: cannot read the checkpoint ({errors.reason(err)})") from None
+            step_dir = self.step_dir(step)
+            again = "(deleted by another process?); run the command again"
+            if not step_dir.is_dir():
+                raise RunError(f"{step_dir} disappeared while it was being read {again}") from None
+            gone = sorted(p.relative_to(step_dir) for p in before - self._files(step))
+            if gone:
+                more = f" and {len(gone) - 1} more files" if len(gone) > 1 else ""
+                raise RunError(
+                    f"{step_dir} became incomplete while it was being read: {gone[0]}{more} "
+                    f"disappeared {again}"
+                ) from None
+            raise RunError(f"{errors.where(err, where)}: {what} ({errors.reason(err)})") from None
+
+    def _files(self, step: int) -> set[Path]:
+        """The files of ``step`` now (none if it is gone)."""
+        walk = os.walk(self.step_dir(step))  # errors ignored: a directory may go meanwhile
+        return {Path(folder, name) for folder, _, names in walk for name in names}

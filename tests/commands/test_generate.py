@@ -169,3 +169,31 @@ def test_a_missing_prompts_file_and_bad_run_directories(tiny, tmp_path, capsys):
     (copy / "checkpoints").mkdir()
     assert main(["--run", str(copy), "--prompt", "3"]) == 2
     assert "has no complete checkpoint yet" in error_line(capsys)
+
+
+@pytest.mark.processes
+def test_a_checkpoint_deleted_while_it_is_loaded_says_so(tiny, tmp_path, monkeypatch, capsys):
+    # Another process (a trainer keeping its last checkpoints) deletes the step being read:
+    # the line ended in "<bound method pybind11_detail_function_record_...>" or said
+    # "Checkpoint at ... not found".
+    import orbax.checkpoint as ocp
+
+    run_dir, _, _ = tiny
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    restore = ocp.CheckpointManager.restore
+    deleted = []
+
+    def deleted_first(self, step, *args, **kwargs):
+        if "params" in kwargs["args"].keys():
+            deleted.append(copy / "checkpoints" / str(step))
+            shutil.rmtree(deleted[-1] / "params" / "ocdbt.process_0")
+            shutil.rmtree(deleted[-1])
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", deleted_first)
+    assert main(["--run", str(copy), "--prompt", "3 4 5 6 7 8 9 10 11 12"]) == 2
+    assert error_line(capsys) == (
+        f"jaxattn.commands.generate: {deleted[0]} disappeared while it was being read "
+        "(deleted by another process?); run the command again"
+    )

@@ -533,3 +533,109 @@ def test_failed_restores_leave_the_process_hooks_as_they_were(run_copy, monkeypa
     theirs = types.SimpleNamespace(object=None, exc_value=RuntimeError("user's"))
     sys.unraisablehook(theirs)
     assert heard[-1] is theirs
+
+
+# ------------------------------------------------------- a checkpoint deleted while read
+
+AGAIN = "(deleted by another process?); run the command again"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize(
+    ("item", "doomed", "says"),
+    [
+        ("meta", ".", f"{{step}} disappeared while it was being read {AGAIN}"),
+        ("params", ".", f"{{step}} disappeared while it was being read {AGAIN}"),
+        (
+            "params",
+            "params/manifest.ocdbt",
+            "{step} became incomplete while it was being read: params/manifest.ocdbt "
+            f"disappeared {AGAIN}",
+        ),
+        (
+            "params",
+            "params/ocdbt.process_0",
+            "{step} became incomplete while it was being read: params/ocdbt.process_0/",
+        ),
+        (
+            "meta",
+            "meta/metadata",
+            "{step} became incomplete while it was being read: meta/metadata "
+            f"disappeared {AGAIN}",
+        ),
+    ],
+    ids=["step before meta", "step before params", "manifest", "data folder", "meta file"],
+)
+def test_a_checkpoint_deleted_while_it_is_read_says_so(run_copy, monkeypatch, item, doomed, says):
+    # The data folder's case ended in "See full TensorStore details: <bound method
+    # pybind11_detail_function_record_...".
+    step_dir = run_copy / "checkpoints" / "30"
+    restore = ocp.CheckpointManager.restore
+
+    def deleted_first(self, step, *args, **kwargs):  # by another process, as Orbax reads
+        if item in kwargs["args"].keys() and (step_dir / doomed).exists():
+            _remove(step_dir / doomed)
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", deleted_first)
+    with pytest.raises(RunError) as info:
+        load_run(run_copy, step="latest")
+    message = one_line(info.value)
+    assert message.startswith(says.format(step=step_dir)), message
+    assert "<bound method" not in message and "object at 0x" not in message
+
+
+def test_a_step_deleted_once_chosen_says_so(run_copy, monkeypatch):
+    """Between listing the steps and reading the one chosen (a trainer keeping its last
+    checkpoints deletes the oldest)."""
+    step_dir = run_copy / "checkpoints" / "30"
+    restore = Checkpoints.restore
+
+    def deleted_first(self, step, *args, **kwargs):
+        shutil.rmtree(self.step_dir(step))
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoints, "restore", deleted_first)
+    with pytest.raises(RunError) as info:
+        load_run(run_copy, step="latest")
+    assert one_line(info.value) == f"{step_dir} disappeared while it was being read {AGAIN}"
+
+
+def test_a_missing_data_folder_is_named_without_tensorstore_reprs(run_copy):
+    # It was "...: cannot read the checkpoint (Encountered error while reading array index:
+    # (slice(0, 64, 1), slice(0, 64, 1)). See full TensorStore details: <bound method
+    # pybind11_detail_function_record_...)".
+    step_dir = run_copy / "checkpoints" / "30"
+    shutil.rmtree(step_dir / "params" / "ocdbt.process_0")
+    with pytest.raises(RunError) as info:
+        load_run(run_copy, step="latest")
+    message = one_line(info.value)
+    assert message.startswith(f"{step_dir / 'params'}: cannot read the checkpoint ("), message
+    assert "<bound method" not in message and "object at 0x" not in message
+
+
+def test_reasons_never_hold_an_objects_repr():
+    """What TensorStore raises: an outer error holding a bound method's repr (its spec, a
+    hundred lines), wrapping the error that says what went wrong."""
+    from jaxattn.train import _orbax_errors as errors
+
+    inner = ValueError('FAILED_PRECONDITION: Error reading "embed.embedding/0.0": Truncated')
+    outer = Exception(
+        "Encountered error while reading array index: (slice(0, 64, 1),). See full "
+        "TensorStore details: <bound method pybind11_detail_function_record_v1.spec of "
+        "TensorStore({\n  'base': {'driver': 'zarr'},\n})>"
+    )
+    outer.__cause__ = inner
+    assert errors.reason(outer) == str(inner)
+    alone = Exception(outer.args[0])
+    assert errors.reason(alone) == (
+        "Encountered error while reading array index: (slice(0, 64, 1),)."
+    )
+    held = RuntimeError("cannot restore <orbax.checkpoint.Handler object at 0x7f3a2c0e1d90>")
+    assert errors.reason(held) == "cannot restore Handler"
