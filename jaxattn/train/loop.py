@@ -21,9 +21,16 @@ import jax
 
 from jaxattn.train import distributed
 from jaxattn.train.checkpoints import Checkpoints
-from jaxattn.train.config import Config, ConfigError, load_config, run_dir_for, to_dict
-from jaxattn.train.plan import make_plan, mesh_for
-from jaxattn.train.rundir import RunDir, RunError, open_run_dir
+from jaxattn.train.config import (
+    Config,
+    ConfigError,
+    chunk_size,
+    load_config,
+    run_dir_for,
+    to_dict,
+)
+from jaxattn.train.plan import check_memory, make_plan, mesh_for
+from jaxattn.train.rundir import RunDir, RunError, check_run_dir, open_run_dir
 from jaxattn.train.session import Session, TrainResult, config_difference
 from jaxattn.train.signals import StopSignals, TrainingInterrupted
 
@@ -76,6 +83,10 @@ def _run(
     (:func:`_follow`): the same steps and collectives, in the order process 0 takes them,
     without checkpoints."""
     plan = make_plan(config, mesh_for(config))  # before the directory: a refusal leaves nothing
+    if jax.process_count() == 1:  # the path's refusals first: they only read, the memory
+        # check compiles (several processes learn a refusal together, in open_agreed)
+        check_run_dir(run_dir_for(config), resume=resume, overwrite=overwrite)
+    check_memory(plan, min(chunk_size(config.train), config.train.steps))
     # Room for the kept checkpoints, one being written, and a margin: checked before the
     # run directory is created (each save checks again against the checkpoints' real size).
     needed = (config.train.keep_checkpoints + 2) * (plan.state_bytes + 2**18)
@@ -93,21 +104,43 @@ def _run(
         resuming = resume and run.existed
         if resuming:
             _check_resumable(run, config)
+            if not run.has_checkpoint():  # nothing to continue from: change nothing
+                raise RunError(
+                    f"cannot resume {run.path}: it has no checkpoint (nothing was changed); "
+                    "--overwrite starts it again, deleting its checkpoints, metrics.jsonl, "
+                    "summary.json and pictures"
+                )
         elif resume:
             log(f"no run in {run.path} to resume; starting a new one")
-        params, opt_state = plan.init_state()
-        with Checkpoints(run.checkpoints, keep=config.train.keep_checkpoints) as ckpts:
-            session = Session(plan, run, ckpts, stop, start, writer=writer)
-            if resuming and ckpts.latest_step() is not None:
-                params, opt_state = session.restore(params, opt_state)
-            if session.done:  # a resumed run that had finished: only what is missing
-                log(f"{run.path} finished at step {session.progress.step} already")
-                result = session.repair(log)
-                missing = not all(p.is_file() for p in run.pictures)
-            else:
-                session.start_files()
-                session.train(params, opt_state)
-                result, missing = session.finish(log), True
+        session = None
+        try:
+            params, opt_state = plan.init_state()
+            with Checkpoints(run.checkpoints, keep=config.train.keep_checkpoints) as ckpts:
+                session = Session(plan, run, ckpts, stop, start, writer=writer)
+                if resuming:
+                    params, opt_state = session.restore(params, opt_state)
+                if session.done:  # a resumed run that had finished: only what is missing
+                    log(f"{run.path} finished at step {session.progress.step} already")
+                    result = session.repair(log)
+                    missing = not all(p.is_file() for p in run.pictures)
+                else:
+                    session.start_files()
+                    session.train(params, opt_state)
+                    result, missing = session.finish(log), True
+        except BaseException as err:
+            # A new run that failed before its first checkpoint leaves nothing behind, so
+            # the same command can simply be run again.
+            discard = writer and not run.existed and (session is None or session.saved_step is None)
+            if discard:
+                run.discard()
+            if _out_of_memory(err):
+                gone = f"; {run.path} removed" if discard else ""
+                raise RunError(
+                    f"out of memory ({_first_line(err)}){gone}; make the model or batch smaller"
+                ) from None
+            raise
+    if stop.signum is not None:  # during the last chunk or the final save: complete, said
+        raise TrainingInterrupted(stop.signum, result.steps, result.run_dir, True, finished=True)
     if config.train.pictures and missing:  # after the timed run, matplotlib imported only here
         _draw_pictures(result.run_dir, log)
     return result
@@ -134,10 +167,23 @@ def _follow(config: Config, start: float, log) -> TrainResult:
             )
         except TrainingInterrupted as stopped:  # name the run, not the scratch directory
             raise TrainingInterrupted(
-                stopped.signum, stopped.step, run_dir_for(config), stopped.saved
+                stopped.signum,
+                stopped.step,
+                run_dir_for(config),
+                stopped.saved,
+                finished=stopped.finished,
             ) from None
     log(f"process {jax.process_index()} of {jax.process_count()}: done; process 0 wrote the run")
     return dataclasses.replace(result, run_dir=run_dir_for(config))
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """XLA's allocation failure (a ``RESOURCE_EXHAUSTED`` runtime error)."""
+    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
+
+
+def _first_line(err: BaseException) -> str:
+    return next(iter(str(err).strip().splitlines()), type(err).__name__)[:200]
 
 
 def _draw_pictures(run_dir: Path, log) -> None:

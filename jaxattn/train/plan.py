@@ -2,21 +2,26 @@
 
 :func:`make_plan` builds the schedule, the optimizer on it, the model's graph and abstract
 parameters, the abstract optimizer state, the mesh and the shardings, and the jitted train
-chunk and evaluation. The loop (its disk estimate, the state it initialises) and the
-session (its chunks and evaluations) read them from the :class:`Plan`; nothing downstream
-builds any of them again (two schedules built apart are how a logged learning rate stopped
-being the applied one).
+chunk and evaluation. The loop (its disk and memory estimates, the state it initialises)
+and the session (its chunks and evaluations) read them from the :class:`Plan`; nothing
+downstream builds any of them again (two schedules built apart are how a logged learning
+rate stopped being the applied one).
+
+The train chunk is compiled ahead of time (:meth:`Plan.chunk`), once per length: the
+compiled program is the one the session runs, and XLA's memory analysis of it is what
+:func:`check_memory` compares with the devices' free memory before a run directory exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
 import optax
 
-from jaxattn.train import sharding
+from jaxattn.train import sharding, tasks
 from jaxattn.train.config import Config
 from jaxattn.train.optim import make_optimizer, make_schedule
 from jaxattn.train.rundir import RunError
@@ -29,7 +34,7 @@ from jaxattn.train.steps import (
     updates,
 )
 
-__all__ = ["Plan", "make_plan", "mesh_for"]
+__all__ = ["Plan", "check_memory", "make_plan", "mesh_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +51,31 @@ class Plan:
     shardings: tuple | None  # (params, opt_state) NamedShardings on ``mesh``
     train_chunk: Any  # jitted (params, opt_state, key, first step, n) -> (..., metrics)
     evaluate: Any  # params -> held-out metrics (compiled at its first call)
+    _chunks: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def state_bytes(self) -> int:
         """Bytes of the parameters and optimizer state (one copy, from shapes only)."""
         leaves = jax.tree.leaves((self.params, self.opt_state))
         return sum(x.size * x.dtype.itemsize for x in leaves)
+
+    def chunk(self, n: int):
+        """``train_chunk`` of ``n`` steps compiled for the plan's state (shapes and
+        shardings), once: ``(params, opt_state, base_key, start_step) -> (params,
+        opt_state, metrics)``. Compiling ahead of time gives the program's memory
+        analysis (:func:`check_memory`) without compiling it twice."""
+        if n not in self._chunks:
+            state = (self.params, self.opt_state)
+            if self.shardings is not None:
+                state = jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                    state,
+                    self.shardings,
+                )
+            key = jax.eval_shape(lambda: tasks.seed_key(0))
+            lowered = self.train_chunk.lower(*state, key, 0, n)
+            self._chunks[n] = lowered.compile()
+        return self._chunks[n]
 
     def init_state(self):
         """``(params, opt_state)`` of the config's seed, in their shards on the mesh."""
@@ -97,3 +121,59 @@ def make_plan(config: Config, mesh) -> Plan:
         ),
         evaluate=make_eval_fn(config, graphdef),
     )
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _free_memory(device) -> tuple[int, str] | None:
+    """Bytes free for ``device``'s buffers and what they are, or None when unknown: an
+    accelerator's allocator limit less what is in use; on CPU the host's available memory
+    (Linux ``MemAvailable``), which the process's CPU devices share."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.device_kind}"
+    if device.platform != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            line = next(x for x in f if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024, "this host"
+    except (OSError, StopIteration, ValueError, IndexError):
+        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else None
+        return (pages * os.sysconf("SC_PAGE_SIZE"), "this host") if pages else None
+
+
+def check_memory(plan: Plan, n: int) -> None:
+    """Refuse (RunError, one line) a run whose train step cannot fit: XLA's memory analysis
+    of the compiled chunk of ``n`` steps (arguments, outputs not aliased to donated inputs,
+    temporaries and code, per device) against the free memory of the devices. Compiles
+    the chunk (:meth:`Plan.chunk`), which the run then uses; nothing is allocated."""
+    stats = plan.chunk(n).memory_analysis()
+    if stats is None:  # a backend without the analysis: the first step will tell
+        return
+    per_device = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+        + stats.generated_code_size_in_bytes
+    )
+    device = jax.local_devices()[0]
+    free = _free_memory(device)
+    if free is None:
+        return
+    available, where = free
+    # The host's memory is shared by its CPU devices; an accelerator's is its own.
+    sharing = len(jax.local_devices()) if device.platform == "cpu" else 1
+    needed = per_device * sharing
+    if needed > available:
+        m = plan.config.model
+        raise RunError(
+            f"the train step needs about {_size(needed)} of memory (XLA's analysis of the "
+            f"compiled step: parameters, optimizer state, gradients, activations) but "
+            f"{where} has {_size(available)} free; make the model or batch smaller "
+            f"(model.d_model={m.d_model}, model.num_layers={m.num_layers}, "
+            f"task.batch_size={plan.config.task.batch_size}) or shard it over more devices"
+        )

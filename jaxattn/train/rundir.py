@@ -36,6 +36,7 @@ __all__ = [
     "RunError",
     "atomic_write_text",
     "check_free_space",
+    "check_run_dir",
     "check_writable",
     "describe_os_error",
     "is_run_dir",
@@ -100,10 +101,11 @@ class RunDir:
     Use an opened one as a context manager (or call :meth:`close`) to release the lock.
     """
 
-    def __init__(self, path, existed: bool = False, lock_file=None):
+    def __init__(self, path, existed: bool = False, lock_file=None, created=()):
         self.path = Path(path)
         self.existed = existed  # an earlier run of ours was there (resumed or replaced)
         self._lock_file = lock_file
+        self._created = tuple(created)  # directories the opening made, deepest first
 
     @property
     def mark(self) -> Path:
@@ -131,6 +133,30 @@ class RunDir:
     @property
     def pictures(self) -> tuple[Path, ...]:
         return tuple(self.path / name for name in PICTURES)
+
+    def has_checkpoint(self) -> bool:
+        """Whether ``checkpoints/`` holds a complete step (a directory named by its step:
+        Orbax renames a step's temporary directory to that only once it is whole)."""
+        try:
+            return any(p.name.isdigit() and p.is_dir() for p in self.checkpoints.iterdir())
+        except OSError:
+            return False
+
+    def discard(self) -> None:
+        """Undo a new run that failed before its first checkpoint: delete what a run writes
+        (``OWNED``) and the mark, release the lock, and remove the directories the opening
+        created if they are empty (a file a user put there keeps them). Refused for a
+        directory that held a run before."""
+        if self.existed:
+            raise ValueError(f"{self.path} held a run before: it is never discarded")
+        with contextlib.suppress(OSError):
+            _remove_owned(self.path)
+        with contextlib.suppress(OSError):
+            self.mark.unlink()
+        self.close()
+        for p in self._created:
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
     def close(self) -> None:
         if self._lock_file is not None:
@@ -248,6 +274,26 @@ def _remove_leftovers(path: Path) -> None:
                 p.unlink()
 
 
+def check_run_dir(path, *, resume: bool = False, overwrite: bool = False) -> bool:
+    """Refuse (RunError, one line) what :func:`open_run_dir` would refuse, reading only:
+    a path that is not ours, an existing run without ``resume`` or ``overwrite``. Returns
+    whether ``path`` holds a run. The trainer asks before its costlier checks (compiling
+    the step for its memory estimate); ``open_run_dir`` asks again as it opens."""
+    if resume and overwrite:
+        raise RunError("resume and overwrite exclude each other; pass one of them")
+    path = Path(path)
+    reason = _refusal(path)
+    if reason:
+        raise RunError(reason)
+    existed = is_run_dir(path)
+    if existed and not (resume or overwrite):
+        raise RunError(
+            f"{path} holds a run already; pass --resume to continue it or --overwrite to "
+            "replace it (Python: resume=True or overwrite=True)"
+        )
+    return existed
+
+
 def open_run_dir(
     path, *, resume: bool = False, overwrite: bool = False, needed_bytes: int = 0
 ) -> RunDir:
@@ -263,18 +309,8 @@ def open_run_dir(
     it. A failure after the directory was created removes what this call created, so the
     same command can simply be run again.
     """
-    if resume and overwrite:
-        raise RunError("resume and overwrite exclude each other; pass one of them")
     path = Path(path)
-    reason = _refusal(path)
-    if reason:
-        raise RunError(reason)
-    existed = is_run_dir(path)
-    if existed and not (resume or overwrite):
-        raise RunError(
-            f"{path} holds a run already; pass --resume to continue it or --overwrite to "
-            "replace it (Python: resume=True or overwrite=True)"
-        )
+    existed = check_run_dir(path, resume=resume, overwrite=overwrite)
     created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     marked = False
     lock_file = None
@@ -303,7 +339,7 @@ def open_run_dir(
                 f"cannot write the run directory {path}: {describe_os_error(err)}"
             ) from None
         raise
-    return RunDir(path, existed, lock_file)
+    return RunDir(path, existed, lock_file, created)
 
 
 def _remove_owned(path: Path) -> None:

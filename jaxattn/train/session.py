@@ -193,7 +193,7 @@ class Session:
 
     def train(self, params, opt_state) -> None:
         tc, progress = self.config.train, self.progress
-        chunk_fn, evaluate = self.plan.train_chunk, self.plan.evaluate
+        evaluate = self.plan.evaluate
         size, every = chunk_size(tc), checkpoint_every(tc)
         base_key = tasks.seed_key(tc.seed)
         bar = tqdm(
@@ -221,7 +221,7 @@ class Session:
                 first = progress.step
                 n = min(size, tc.steps - first)
                 t0 = time.perf_counter()
-                params, opt_state, m = chunk_fn(params, opt_state, base_key, first, n)
+                params, opt_state, m = self.plan.chunk(n)(params, opt_state, base_key, first)
                 m = jax.device_get(m)
                 seconds = time.perf_counter() - t0
                 if compiled:

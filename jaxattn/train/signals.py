@@ -15,18 +15,45 @@ __all__ = ["StopSignals", "TrainingInterrupted"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped training; a checkpoint of ``step`` is in ``run_dir``.
+    """SIGINT or SIGTERM stopped training at ``step``; ``saved``: its checkpoint is in
+    ``run_dir`` (False: it came before the first step; a new run leaves no directory).
 
-    ``resume`` (set by a command line) is the command that continues the run; it ends the
-    message when given."""
+    ``finished``: the signal came during the last chunk or the final save, and the run is
+    complete all the same (summary.json written, nothing to resume; only its pictures are
+    not drawn). ``resume`` (set by a command line, :meth:`resumed_by`) is the command that
+    continues the run; it ends the message of a run that can be continued."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path, saved: bool, resume: str = ""):
+    def __init__(
+        self,
+        signum: int,
+        step: int,
+        run_dir: Path,
+        saved: bool,
+        resume: str = "",
+        finished: bool = False,
+    ):
         self.signum, self.step, self.run_dir, self.saved = signum, step, run_dir, saved
-        self.resume = resume
+        self.resume, self.finished = resume, finished
         name = signal.Signals(signum).name
-        what = f"checkpoint of step {step} saved" if saved else "no checkpoint saved yet"
-        tail = f"; resume with: {resume}" if resume else ""
-        super().__init__(f"stopped by {name} at step {step}; {what} in {run_dir}{tail}")
+        if finished:
+            message = (
+                f"{name} came as the run finished: it is complete at step {step} in "
+                f"{run_dir} (checkpoint and summary.json written), nothing to resume; "
+                f"pictures not drawn: python -m jaxattn.commands.viz {run_dir} draws them"
+            )
+        elif saved:
+            tail = f"; resume with: {resume}" if resume else ""
+            message = f"stopped by {name} at step {step}; checkpoint of step {step} saved in "
+            message += f"{run_dir}{tail}"
+        else:
+            message = f"stopped by {name} before the first step; nothing was kept in {run_dir}"
+        super().__init__(message)
+
+    def resumed_by(self, command: str) -> TrainingInterrupted:
+        """The same stop, its message ending in ``resume with: <command>``."""
+        return TrainingInterrupted(
+            self.signum, self.step, self.run_dir, self.saved, command, self.finished
+        )
 
 
 class StopSignals:

@@ -145,20 +145,21 @@ def short_reference(long_reference) -> bytes:
 def _interrupt_after(monkeypatch, step: int, signum=signal.SIGTERM) -> None:
     """Send ``signum`` to this process (the real handler gets it) when the chunk that ends
     at ``step`` has run."""
-    real = plan.make_train_chunk
+    real = plan.Plan.chunk
 
-    def make(*args, **kwargs):
-        chunk = real(*args, **kwargs)
+    def chunk(self, n):
+        compiled = real(self, n)
 
-        def interrupted(params, opt_state, key, first, n):
-            out = chunk(params, opt_state, key, first, n)
+        def interrupted(params, opt_state, key, first):
+            out = compiled(params, opt_state, key, first)
             if first + n == step:
                 os.kill(os.getpid(), signum)
             return out
 
+        interrupted.memory_analysis = compiled.memory_analysis
         return interrupted
 
-    monkeypatch.setattr(plan, "make_train_chunk", make)
+    monkeypatch.setattr(plan.Plan, "chunk", chunk)
 
 
 # --------------------------------------------------------------------------- resume, in-process
@@ -200,6 +201,28 @@ def test_sigterm_between_evaluations_and_at_one_then_resume_gives_the_same_metri
     assert (result.resumed_from, result.steps) == (20, 40)
     assert _summary(run)["resumed_from"] == 20
     assert _metrics(run) == short_reference
+
+
+def test_a_signal_during_the_last_chunk_says_the_run_finished(tmp_path, monkeypatch):
+    # SIGINT in the last chunk (or the final save) once ended in exit 0 and no line: the
+    # user could not tell whether the run had stopped or finished.
+    run = tmp_path / "run"
+    config = _config(run, "train.steps=20", "train.pictures=true")
+    _interrupt_after(monkeypatch, 20, signal.SIGINT)
+    logs = []
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(config, log=logs.append)
+    assert (stop.value.signum, stop.value.step, stop.value.finished) == (signal.SIGINT, 20, True)
+    assert str(stop.value) == (
+        f"SIGINT came as the run finished: it is complete at step 20 in {run} (checkpoint "
+        "and summary.json written), nothing to resume; pictures not drawn: python -m "
+        f"jaxattn.commands.viz {run} draws them"
+    )
+    assert stop.value.resumed_by("python train.py --resume").args == stop.value.args
+    assert _summary(run)["steps"] == 20 and _checkpoint_steps(run) == [20]
+    assert [json.loads(line)["step"] for line in _metrics(run).splitlines()] == [20]
+    assert not (run / "attention.png").exists()  # the user asked to stop: no pictures
+    assert any(line.startswith("did not reach exact-match target") for line in logs)
 
 
 @pytest.mark.processes

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, SHORT_RUN, TINY
 
-from jaxattn.train import plan, rundir
+from jaxattn.train import loop, plan, rundir
 from jaxattn.train.config import load_config
 from jaxattn.train.loop import train
 from jaxattn.train.rundir import MARK, OWNED, RunError, open_run_dir
@@ -78,8 +78,9 @@ def one_line(err: BaseException) -> str:
 @pytest.fixture
 def no_training(monkeypatch):
     """Fail the test if the model is initialised or a training step runs: a refusal or an
-    unwritable directory must be reported before any of that (and before any compilation:
-    the plan builds its programs, which compile only when first called)."""
+    unwritable directory must be reported before any of that. A refusal of the path comes
+    before anything compiles; the memory estimate (which compiles the step) is left out
+    here, so an unwritable directory is reported with nothing compiled too."""
 
     def fail(*args, **kwargs):
         raise AssertionError("training started; the run directory should have been refused")
@@ -89,6 +90,7 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr(plan, "init_state", fail)
     monkeypatch.setattr(plan, "make_train_chunk", make_failing_chunk)
+    monkeypatch.setattr(loop, "check_memory", lambda *args: None)
 
 
 def refused(config, **kwargs) -> str:
@@ -398,12 +400,13 @@ def test_tilde_is_expanded(tmp_path, monkeypatch):
         pass
 
     def stop(*args, **kwargs):
+        assert (home / "x" / MARK).is_file()  # the run directory is open by then
         raise Stop
 
-    monkeypatch.setattr(plan, "init_state", stop)  # the run directory is open by then
+    monkeypatch.setattr(plan, "init_state", stop)
     with pytest.raises(Stop):
         train(small_config("~/x"), log=lambda _: None)
-    assert (home / "x" / MARK).is_file()
+    assert not (home / "x").exists()  # a start that failed leaves nothing
     assert list(cwd.iterdir()) == []  # the old trainer made a directory named '~' here
     assert not [p for p in tmp_path.rglob("~*")]
 
@@ -624,3 +627,85 @@ def test_resume_of_a_finished_run_rewrites_only_what_a_kill_left_missing(finishe
     assert (run / "metrics.jsonl").read_bytes() == metrics
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
     assert checkpoint_steps(run) == ["2", "4"]
+
+
+def test_resume_without_a_checkpoint_changes_nothing_and_says_what_overwrite_would_do(
+    finished_run, tmp_path
+):
+    # A finished run whose checkpoints were removed: resuming it once restarted from step 0,
+    # truncated metrics.jsonl and left the old summary.json claiming the finished run.
+    run = copy_run(finished_run, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    before = tree(run)
+    message = refused(small_config(run), resume=True)
+    assert message.startswith(f"cannot resume {run}: it has no checkpoint (nothing was changed)")
+    assert "--overwrite starts it again" in message and "metrics.jsonl" in message
+    assert tree(run) == before  # metrics, summary, config byte for byte; no checkpoints/
+    # An empty checkpoints/ (or one holding only a save a kill cut short) is the same.
+    (run / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    before = tree(run)
+    assert "it has no checkpoint" in refused(small_config(run), resume=True)
+    assert tree(run) == before
+
+
+def test_a_new_run_that_fails_to_start_leaves_nothing_behind(tmp_path, monkeypatch):
+    # Any failure before the first checkpoint (here the model's initialisation: on a real
+    # machine, out of memory) once left a marked directory with an empty metrics.jsonl that
+    # the next run refused without --overwrite.
+    parent = tmp_path / "runs"
+    kept = tmp_path / "kept"
+    kept.mkdir()  # an empty directory of the user's: its files go, the directory stays
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(plan.Plan, "init_state", out_of_memory)
+    for run in (parent / "deep" / "run", kept):
+        with pytest.raises(MemoryError):
+            train(small_config(run), log=lambda _: None)
+    assert not parent.exists()  # the directories the run made, removed
+    assert kept.is_dir() and list(kept.iterdir()) == []
+    monkeypatch.undo()
+    result = train(small_config(parent / "deep" / "run"), log=lambda _: None)  # same again
+    assert result.steps == 4
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_the_directory_exists(
+    tmp_path, monkeypatch
+):
+    # XLA's analysis of the compiled step against the free memory: here the host is made
+    # to have 4 KiB free, less than the small model's step needs.
+    monkeypatch.setattr(plan, "_free_memory", lambda device: (2**12, "this host"))
+    run = tmp_path / "run"
+    message = refused(small_config(run))
+    assert message.startswith("the train step needs about ") and " MiB of memory " in message
+    assert "but this host has 0.0 MiB free; make the model or batch smaller" in message
+    assert "model.d_model=16" in message and "task.batch_size" in message
+    assert not run.exists()
+    monkeypatch.setattr(plan, "_free_memory", lambda device: None)  # unknown: no refusal
+    assert train(small_config(run), log=lambda _: None).steps == 4
+
+
+def test_xla_running_out_of_memory_is_one_line_and_the_new_run_is_removed(tmp_path, monkeypatch):
+    import jax
+
+    def exhausted(self, n):
+        class Compiled:
+            def memory_analysis(self):
+                return None
+
+            def __call__(self, *args):
+                raise jax.errors.JaxRuntimeError(
+                    "RESOURCE_EXHAUSTED: Out of memory allocating 16 GiB.\nmore detail"
+                )
+
+        return Compiled()
+
+    monkeypatch.setattr(plan.Plan, "chunk", exhausted)
+    run = tmp_path / "run"
+    message = refused(small_config(run))
+    assert message == (
+        f"out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 16 GiB.); {run} "
+        "removed; make the model or batch smaller"
+    )
+    assert not run.exists()
