@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     parser = OneLineParser(
         allow_abbrev=False,  # "--over" would survive into the printed resume command
         description="Train a TinyDecoder on a synthetic sequence task.",
-        epilog="example: python train.py --config configs/tiny.yaml train.steps=500",
+        epilog="example: python train.py model.positions=rotary train.run_dir=runs/rotary",
     )
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config file")
     again = parser.add_mutually_exclusive_group()
@@ -64,9 +64,7 @@ def main(argv=None) -> int:
             import jax
 
             command = _resume_command(argv, several=jax.process_count() > 1)
-            raise TrainingInterrupted(
-                stop.signum, stop.step, stop.run_dir, stop.saved, resume=command
-            ) from None
+            raise stop.resumed_by(command) from None
         print(f"run directory: {result.run_dir}")
 
     return run_command("train.py", run, known=run_errors())
