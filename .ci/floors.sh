@@ -53,8 +53,8 @@ else
 fi
 PY=$VENV/bin/python
 
-echo "floors: kernels and generation tests"
-"$PY" -m pytest -q -n auto -p no:cacheprovider \
+echo "floors: kernels and generation tests (with XLA's default flags, which the suite changes)"
+JAXATTN_TEST_XLA_DEFAULTS=1 "$PY" -m pytest -q -n auto -p no:cacheprovider \
     tests/test_attention.py tests/test_reference.py tests/test_flash.py tests/nn/test_decoding.py
 
 TMP=$(mktemp -d)
