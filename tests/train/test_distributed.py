@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHORT_RUN, TINY
+from conftest import ROOT, SHORT_RUN, TINY, xla_flags
 
 from jaxattn.train import load_run
 from jaxattn.train.config import ConfigError, load_config
@@ -35,7 +35,7 @@ def _free_port() -> int:
 def _train_py(devices: int, *overrides: str, env=None) -> subprocess.Popen:
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}"),
         **(env or {}),
     }
     return subprocess.Popen(

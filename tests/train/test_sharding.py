@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHORT_RUN, TINY
+from conftest import ROOT, SHORT_RUN, TINY, xla_flags
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
@@ -144,7 +144,10 @@ SHARDED = textwrap.dedent(
 
 
 def _python(code: str, devices: int, *args) -> str:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}"),
+    }
     result = subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
         capture_output=True,
