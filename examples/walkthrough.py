@@ -1,7 +1,7 @@
 """Attention step by step with jaxattn, from token embeddings to a trained model's pictures.
 
-    python examples/walkthrough.py                    # pictures into docs/walkthrough/
-    python examples/walkthrough.py --out /tmp/walk    # pictures elsewhere
+    python examples/walkthrough.py                          # pictures into runs/walkthrough/
+    python examples/walkthrough.py --out docs/walkthrough   # redraw the pictures of the docs
 
 ``docs/walkthrough.md`` is this script's story with its output. Each section prints what it
 computes; where the NumPy tutorials attention is usually learnt from go wrong, the wrong
@@ -353,7 +353,10 @@ def training(out_dir: Path, run: Path | None = None):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "docs" / "walkthrough", help="where the pictures go"
+        "--out",
+        type=Path,
+        default=Path("runs", "walkthrough"),  # beside train.py's runs, never the tracked docs
+        help="where the pictures go (default: runs/walkthrough)",
     )
     parser.add_argument(
         "--run", type=Path, help="a tiny.yaml run already trained, instead of training one"

@@ -1,5 +1,6 @@
 """examples/walkthrough.py runs end to end and shows each pitfall next to jaxattn's answer
-(the script docs/walkthrough.md is written from)."""
+(the script docs/walkthrough.md is written from); by default its pictures go to
+runs/walkthrough under the working directory, never into the tracked docs/walkthrough."""
 
 from __future__ import annotations
 
@@ -14,15 +15,10 @@ from PIL import Image
 @pytest.mark.processes
 def test_the_walkthrough_runs_and_says_what_the_docs_say(trained_tiny, tmp_path):
     run_dir, _ = trained_tiny  # trained once per test session; the script can train its own
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "walkthrough.py"),
-            "--out",
-            str(tmp_path),
-            "--run",
-            str(run_dir),
-        ],
+    docs = ROOT / "docs" / "walkthrough"
+    before = [(path, path.stat().st_mtime_ns) for path in sorted(docs.iterdir())]
+    result = subprocess.run(  # no --out: the default, from a working directory of its own
+        [sys.executable, str(ROOT / "examples" / "walkthrough.py"), "--run", str(run_dir)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -49,8 +45,12 @@ def test_the_walkthrough_runs_and_says_what_the_docs_say(trained_tiny, tmp_path)
         "the decoder is causal: changing tokens 3 and 4 leaves the logits of 0..2 alone: True",
         "the best possible training loss is 0.565",
         "exact-match 1.000",
+        "picture: runs/walkthrough/attention.png",  # it says where the pictures went
+        "picture: runs/walkthrough/curves.png",
     ]:
         assert expected in out, expected
     for name, size in [("attention.png", (1126, 563)), ("curves.png", (1320, 374))]:
-        with Image.open(tmp_path / name) as image:
+        with Image.open(tmp_path / "runs" / "walkthrough" / name) as image:
             assert image.size == size
+    after = [(path, path.stat().st_mtime_ns) for path in sorted(docs.iterdir())]
+    assert after == before  # the tracked pictures of the docs untouched

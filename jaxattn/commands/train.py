@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     parser = OneLineParser(
         allow_abbrev=False,  # "--over" would survive into the printed resume command
         description="Train a TinyDecoder on a synthetic sequence task.",
-        epilog="example: python train.py model.positions=rotary train.run_dir=runs/rotary",
+        epilog="example: python train.py --config configs/tiny.yaml",
     )
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config file")
     again = parser.add_mutually_exclusive_group()
@@ -50,7 +50,11 @@ def main(argv=None) -> int:
     again.add_argument(
         "--overwrite", action="store_true", help="replace the run in the run directory"
     )
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="key.sub=value overrides, e.g. model.positions=rotary train.run_dir=runs/rotary",
+    )
     args = parser.parse_intermixed_args(argv)  # flags may come between overrides
 
     def run() -> None:

@@ -19,7 +19,7 @@ __all__ = ["main"]
 def main(argv=None) -> int:
     parser = OneLineParser(
         prog="python -m jaxattn.commands.viz",
-        description="Draw attention heatmaps and training curves of a finished run.",
+        description="Draw attention heatmaps and training curves of a run, finished or not.",
     )
     parser.add_argument("run_dir", help="a run directory written by train.py, e.g. runs/tiny")
     parser.add_argument("--example", type=int, default=0, help="held-out sequence to show")
