@@ -11,6 +11,7 @@ how to resume). The benchmarks end through it too.
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import os
 import re
@@ -36,10 +37,11 @@ def step_argument(text: str):
 
 def _silence_leftovers() -> None:
     """A failed Orbax call leaves coroutines that print tracebacks when finalised at exit,
-    under the one line: silenced once the command has said what happened (only if Orbax
-    was used at all)."""
+    under the one line: silenced at exit, once the command has said what happened (only if
+    Orbax was used at all). At exit, not now: a program (or a test) that calls ``main``
+    keeps its own logging and hooks for as long as it runs."""
     if "jaxattn.train._orbax_errors" in sys.modules:
-        sys.modules["jaxattn.train._orbax_errors"].silence_for_exit()
+        atexit.register(sys.modules["jaxattn.train._orbax_errors"].silence_for_exit)
 
 
 Errors = tuple[type[Exception], ...]
