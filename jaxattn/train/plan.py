@@ -165,8 +165,10 @@ def check_memory(plan: Plan, n: int) -> None:
     if free is None:
         return
     available, where = free
-    # The host's memory is shared by its CPU devices; an accelerator's is its own.
-    sharing = len(jax.local_devices()) if device.platform == "cpu" else 1
+    # The host's memory is shared by the CPU devices the run uses here (its mesh's, or one);
+    # an accelerator's is its own.
+    used_here = 1 if plan.mesh is None else len(plan.mesh.local_devices)
+    sharing = used_here if device.platform == "cpu" else 1
     needed = per_device * sharing
     if needed > available:
         m = plan.config.model
