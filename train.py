@@ -14,10 +14,11 @@ if __name__ == "__main__":
     held = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
+        from jaxattn.commands._ending import exit_with
         from jaxattn.commands.train import main
     finally:
         signal.signal(signal.SIGINT, previous)
     if held:
         print("train.py: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
-    sys.exit(main())
+    exit_with(main())

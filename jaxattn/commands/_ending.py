@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import errno
 import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
-__all__ = ["OneLineParser", "describe_error", "run_command", "run_errors", "step_argument"]
+__all__ = [
+    "OneLineParser",
+    "describe_error",
+    "exit_with",
+    "run_command",
+    "run_errors",
+    "step_argument",
+]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -159,11 +168,41 @@ def run_command(
         _say(f"{prog}: standard output is closed; nothing could be printed")
         return 2
     out = sys.stdout = _Watched(sys.stdout)
+    terminate = _terminate_as_interrupt()
     try:
         status = _run(prog, body, known, describe, out)
     finally:
         sys.stdout = out.stream
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
     return status
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (importing, compiling, loading, drawing): the command stops
+    where it is and says so, as for Ctrl-C. Training catches it itself (a checkpoint)."""
+
+    signum = signal.SIGTERM
+
+    def __str__(self):
+        return "stopped by SIGTERM"
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def _terminate_as_interrupt():
+    """Make SIGTERM raise :class:`_Terminated` while the command runs (it killed the
+    process without a word); returns the handler to put back, or None (not the main
+    thread, or SIGTERM ignored on purpose)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        return None
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    return previous or signal.SIG_DFL
 
 
 def _run(prog, body, known, describe, out: _Watched) -> int:
@@ -191,3 +230,16 @@ def _run(prog, body, known, describe, out: _Watched) -> int:
     if out.failed is not None:  # caught by the body, but the output is lost all the same
         return _stdout_lost(prog, out.failed, out.stream)
     return 0 if status is None else status
+
+
+def exit_with(status: int):
+    """End a command's process with ``status``. After a signal (130 / 143) the process ends
+    at once, its output flushed, without the interpreter's teardown: a signal that landed
+    while XLA was compiling left it in a state where tearing down crashed (a segmentation
+    fault after the one line, exit -11 instead of 143). Otherwise ``sys.exit``."""
+    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)

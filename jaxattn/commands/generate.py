@@ -17,7 +17,13 @@ import re
 import sys
 from pathlib import Path
 
-from jaxattn.commands._ending import OneLineParser, run_command, run_errors, step_argument
+from jaxattn.commands._ending import (
+    OneLineParser,
+    exit_with,
+    run_command,
+    run_errors,
+    step_argument,
+)
 
 __all__ = ["main", "parse_prompt", "read_prompts"]
 
@@ -209,4 +215,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

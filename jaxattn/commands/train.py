@@ -18,7 +18,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from jaxattn.commands._ending import OneLineParser, run_command, run_errors
+from jaxattn.commands._ending import OneLineParser, exit_with, run_command, run_errors
 
 
 def _resume_command(argv: list[str], several: bool = False) -> str:
@@ -75,4 +75,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -9,9 +9,14 @@ written whole or not at all.
 from __future__ import annotations
 
 import os
-import sys
 
-from jaxattn.commands._ending import OneLineParser, run_command, run_errors, step_argument
+from jaxattn.commands._ending import (
+    OneLineParser,
+    exit_with,
+    run_command,
+    run_errors,
+    step_argument,
+)
 
 __all__ = ["main"]
 
@@ -45,4 +50,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

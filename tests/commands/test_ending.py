@@ -237,3 +237,17 @@ def test_commands_whose_output_is_lost_end_in_one_line(trained_tiny, tmp_path):
 
 
 PROMPT = "3 4 5 6 7 8 9 10 11 12"  # as long as the trained ones: no note on stderr
+
+
+def test_sigterm_outside_training_is_one_line_and_143(capsys):
+    # SIGTERM while a command imported, compiled or loaded once killed it without a word.
+    before = signal.getsignal(signal.SIGTERM)
+
+    def body():
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM should have stopped the body")
+
+    status = run_command("cmd", body)
+    assert status == 143
+    assert capsys.readouterr().err == "cmd: stopped by SIGTERM\n"
+    assert signal.getsignal(signal.SIGTERM) == before  # put back
