@@ -26,6 +26,7 @@ from flax import nnx
 
 import jaxattn
 from jaxattn import CausalMask, PaddingMask, dot_product_attention, reference
+from jaxattn.commands import add_compile_cache_flag, use_compile_cache
 from jaxattn.nn import ModelConfig, TinyDecoder
 from jaxattn.nn.layers import apply_rotary, sinusoidal_positions
 
@@ -361,7 +362,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--run", type=Path, help="a tiny.yaml run already trained, instead of training one"
     )
+    add_compile_cache_flag(parser)
     args = parser.parse_args(argv)
+    use_compile_cache("walkthrough.py", not args.no_compile_cache)
     from jaxattn.train import RunError, load_run
 
     try:

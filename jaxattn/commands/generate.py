@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from jaxattn.commands._compile_cache import add_compile_cache_flag, use_compile_cache
 from jaxattn.commands._ending import (
     OneLineParser,
     exit_with,
@@ -204,10 +205,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--step", default="best", help="checkpoint: best (default), latest or a step number"
     )
+    add_compile_cache_flag(parser)
     args = parser.parse_args(argv)
     args.step = step_argument(args.step)
 
     def run() -> None:
+        use_compile_cache("jaxattn.commands.generate", not args.no_compile_cache)
         print("\n".join(_answer(args)))
 
     # The run's errors, and ValueError: a prompt (PromptError) or a flag the model cannot take.

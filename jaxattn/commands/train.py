@@ -18,6 +18,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from jaxattn.commands._compile_cache import add_compile_cache_flag, use_compile_cache
 from jaxattn.commands._ending import OneLineParser, exit_with, run_command, run_errors
 
 
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     again.add_argument(
         "--overwrite", action="store_true", help="replace the run in the run directory"
     )
+    add_compile_cache_flag(parser)
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)  # flags may come between overrides
 
     def run() -> None:
+        use_compile_cache("train.py", not args.no_compile_cache)
         from jaxattn.train.config import load_config
         from jaxattn.train.loop import TrainingInterrupted, train
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from jaxattn.commands._compile_cache import add_compile_cache_flag, use_compile_cache
 from jaxattn.commands._ending import (
     OneLineParser,
     exit_with,
@@ -32,12 +33,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--step", default="best", help="checkpoint to draw: best (default), latest or a step"
     )
+    add_compile_cache_flag(parser)
     args = parser.parse_args(argv)
     out = None if args.out is None else os.path.expanduser(args.out)
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         parser.error(f"--out {args.out} is a file, not a directory")  # before the run is read
 
     def run() -> None:
+        use_compile_cache("jaxattn.commands.viz", not args.no_compile_cache)
         from jaxattn.train.pictures import draw_run
 
         step = step_argument(args.step)

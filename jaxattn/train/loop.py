@@ -24,7 +24,6 @@ from jaxattn.train.checkpoints import Checkpoints
 from jaxattn.train.config import (
     Config,
     ConfigError,
-    chunk_size,
     load_config,
     run_dir_for,
     to_dict,
@@ -86,7 +85,7 @@ def _run(
     if jax.process_count() == 1:  # the path's refusals first: they only read, the memory
         # check compiles (several processes learn a refusal together, in open_agreed)
         check_run_dir(run_dir_for(config), resume=resume, overwrite=overwrite)
-    check_memory(plan, min(chunk_size(config.train), config.train.steps))
+    check_memory(plan)
     # Room for the kept checkpoints, one being written, and a margin: checked before the
     # run directory is created (each save checks again against the checkpoints' real size).
     needed = (config.train.keep_checkpoints + 2) * (plan.state_bytes + 2**18)

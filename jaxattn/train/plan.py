@@ -7,7 +7,8 @@ and the session (its chunks and evaluations) read them from the :class:`Plan`; n
 downstream builds any of them again (two schedules built apart are how a logged learning
 rate stopped being the applied one).
 
-The train chunk is compiled ahead of time (:meth:`Plan.chunk`), once per length: the
+The train chunk is compiled ahead of time (:meth:`Plan.chunk`), once, for every chunk
+length a run takes (the last, shorter chunk of a run or a resumed session included): the
 compiled program is the one the session runs, and XLA's memory analysis of it is what
 :func:`check_memory` compares with the devices' free memory before a run directory exists.
 """
@@ -22,7 +23,7 @@ import jax
 import optax
 
 from jaxattn.train import sharding, tasks
-from jaxattn.train.config import Config
+from jaxattn.train.config import Config, chunk_size
 from jaxattn.train.optim import make_optimizer, make_schedule
 from jaxattn.train.rundir import RunError
 from jaxattn.train.steps import (
@@ -51,7 +52,7 @@ class Plan:
     shardings: tuple | None  # (params, opt_state) NamedShardings on ``mesh``
     train_chunk: Any  # jitted (params, opt_state, key, first step, n) -> (..., metrics)
     evaluate: Any  # params -> held-out metrics (compiled at its first call)
-    _chunks: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _chunks: list = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     @property
     def state_bytes(self) -> int:
@@ -59,12 +60,19 @@ class Plan:
         leaves = jax.tree.leaves((self.params, self.opt_state))
         return sum(x.size * x.dtype.itemsize for x in leaves)
 
-    def chunk(self, n: int):
-        """``train_chunk`` of ``n`` steps compiled for the plan's state (shapes and
-        shardings), once: ``(params, opt_state, base_key, start_step) -> (params,
-        opt_state, metrics)``. Compiling ahead of time gives the program's memory
+    @property
+    def chunk_steps(self) -> int:
+        """Steps of the longest chunk: :func:`~jaxattn.train.config.chunk_size`, or every
+        step of a shorter run."""
+        return min(chunk_size(self.config.train), self.config.train.steps)
+
+    def chunk(self):
+        """``train_chunk`` compiled once for the plan's state (shapes and shardings):
+        ``(params, opt_state, base_key, start_step, steps) -> (params, opt_state,
+        metrics)``, any ``steps`` up to :attr:`chunk_steps` (metrics ``[chunk_steps]``, the
+        first ``steps`` of them filled). Compiling ahead of time gives the program's memory
         analysis (:func:`check_memory`) without compiling it twice."""
-        if n not in self._chunks:
+        if not self._chunks:
             state = (self.params, self.opt_state)
             if self.shardings is not None:
                 state = jax.tree.map(
@@ -73,9 +81,9 @@ class Plan:
                     self.shardings,
                 )
             key = jax.eval_shape(lambda: tasks.seed_key(0))
-            lowered = self.train_chunk.lower(*state, key, 0, n)
-            self._chunks[n] = lowered.compile()
-        return self._chunks[n]
+            lowered = self.train_chunk.lower(*state, key, 0, self.chunk_steps, 0)
+            self._chunks.append(lowered.compile())
+        return self._chunks[0]
 
     def init_state(self):
         """``(params, opt_state)`` of the config's seed, in their shards on the mesh."""
@@ -145,12 +153,12 @@ def _free_memory(device) -> tuple[int, str] | None:
         return (pages * os.sysconf("SC_PAGE_SIZE"), "this host") if pages else None
 
 
-def check_memory(plan: Plan, n: int) -> None:
+def check_memory(plan: Plan) -> None:
     """Refuse (RunError, one line) a run whose train step cannot fit: XLA's memory analysis
-    of the compiled chunk of ``n`` steps (arguments, outputs not aliased to donated inputs,
+    of the compiled chunk (arguments, outputs not aliased to donated inputs,
     temporaries and code, per device) against the free memory of the devices. Compiles
     the chunk (:meth:`Plan.chunk`), which the run then uses; nothing is allocated."""
-    stats = plan.chunk(n).memory_analysis()
+    stats = plan.chunk().memory_analysis()
     if stats is None:  # a backend without the analysis: the first step will tell
         return
     per_device = (

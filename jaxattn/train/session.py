@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from jaxattn.train import distributed, tasks
 from jaxattn.train.checkpoints import Checkpoints, model_spec, spec_fingerprint
-from jaxattn.train.config import Config, checkpoint_every, chunk_size, dump_config, to_dict
+from jaxattn.train.config import Config, checkpoint_every, dump_config, to_dict
 from jaxattn.train.plan import Plan
 from jaxattn.train.rundir import RunDir, RunError, atomic_write_text
 from jaxattn.train.signals import StopSignals, TrainingInterrupted
@@ -194,7 +194,7 @@ class Session:
     def train(self, params, opt_state) -> None:
         tc, progress = self.config.train, self.progress
         evaluate = self.plan.evaluate
-        size, every = chunk_size(tc), checkpoint_every(tc)
+        size, every = self.plan.chunk_steps, checkpoint_every(tc)
         base_key = tasks.seed_key(tc.seed)
         bar = tqdm(
             total=tc.steps,
@@ -221,8 +221,8 @@ class Session:
                 first = progress.step
                 n = min(size, tc.steps - first)
                 t0 = time.perf_counter()
-                params, opt_state, m = self.plan.chunk(n)(params, opt_state, base_key, first)
-                m = jax.device_get(m)
+                params, opt_state, m = self.plan.chunk()(params, opt_state, base_key, first, n)
+                m = {k: v[:n] for k, v in jax.device_get(m).items()}
                 seconds = time.perf_counter() - t0
                 if compiled:
                     self.steady_steps += n

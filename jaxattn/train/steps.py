@@ -1,7 +1,7 @@
-"""Training steps: pure, jitted, fused with lax.scan; and the held-out evaluation.
+"""Training steps: pure, jitted, fused in one loop; and the held-out evaluation.
 
 Data flow: a step key -> ``tasks.make_batch`` on device -> ``TinyDecoder`` -> loss ->
-gradients -> Optax update, ``steps_per_call`` of them in one jitted ``lax.scan`` with the
+gradients -> Optax update, ``steps_per_call`` of them in one jitted loop with the
 parameter and optimizer buffers donated, so Python runs once per chunk, not once per step.
 What a run builds from its config (schedule, optimizer, abstract state, shardings, these
 programs) is built once, by :func:`jaxattn.train.plan.make_plan`; the functions here take
@@ -55,15 +55,19 @@ def make_train_chunk(
     mesh=None,
     shardings=None,
 ):
-    """A jitted ``(params, opt_state, base_key, start_step, n) -> (params, opt_state, metrics)``.
+    """A jitted ``(params, opt_state, base_key, start_step, n, steps=None) -> (params,
+    opt_state, metrics)``.
 
-    Runs ``n`` (static) steps in a ``lax.scan``; step ``i`` draws its batch and dropout keys
-    from ``fold_in(base_key, i)``, so a run is reproducible from its seed whatever the chunk
-    size. ``params`` and ``opt_state`` are donated. On a ``mesh``
-    (:mod:`jaxattn.train.sharding`) each batch is split over data and fsdp, and the new
-    parameters and optimizer state keep ``shardings`` (``(params, opt_state)``
+    Runs ``steps`` steps (an int32 scalar, traced: one compiled program serves every count
+    up to ``n``, so a last, shorter chunk compiles nothing new; None = ``n``) in one loop;
+    step ``i`` draws its batch and dropout keys from ``fold_in(base_key, i)``, so a run is
+    reproducible from its seed whatever the chunk size. ``n`` (static) is the capacity:
+    ``steps`` is clipped to ``[0, n]``. ``params`` and ``opt_state`` are donated. On a
+    ``mesh`` (:mod:`jaxattn.train.sharding`) each batch is split over data and fsdp, and
+    the new parameters and optimizer state keep ``shardings`` (``(params, opt_state)``
     NamedShardings, from the rules). Metrics are per-step arrays ``[n]``: ``loss``,
-    ``accuracy``, ``lr`` and ``nonfinite`` (bool: the loss or a gradient is not finite).
+    ``accuracy``, ``lr`` (float32) and ``nonfinite`` (bool: the loss or a gradient is not
+    finite); entries past ``steps`` are 0 (False).
 
     ``lr`` is ``schedule`` (the one ``optimizer`` was built on) at the optimizer's own
     update count before the step (:func:`jaxattn.train.optim.schedule_count`): the rate of
@@ -77,16 +81,16 @@ def make_train_chunk(
     use_dropout = bool(config.model.dropout or config.model.attention_dropout)
     skip_nonfinite = config.train.on_nonfinite == "skip"
 
-    def chunk(params, opt_state, base_key, start_step, n):
+    def chunk(params, opt_state, base_key, start_step, n, steps=None):
+        steps = n if steps is None else jnp.clip(steps, 0, n)
         if mesh is None:
-            return run_steps(params, opt_state, base_key, start_step, n)
+            return run_steps(params, opt_state, base_key, start_step, n, steps)
         # The mesh in context: attention runs per shard (jaxattn.nn.layers.per_shard).
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return run_steps(params, opt_state, base_key, start_step, n)
+            return run_steps(params, opt_state, base_key, start_step, n, steps)
 
-    def run_steps(params, opt_state, base_key, start_step, n):
-        def one_step(carry, step):
-            params, opt_state = carry
+    def run_steps(params, opt_state, base_key, start_step, n, steps):
+        def one_step(params, opt_state, step):
             batch_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, step))
             batch = tasks.make_batch(task, batch_key, task.batch_size)
             if mesh is not None:
@@ -106,11 +110,20 @@ def make_train_chunk(
                     (params, opt_state),
                 )
             metrics = {"loss": loss, "accuracy": acc, "lr": lr, "nonfinite": ~finite}
-            return (new_params, new_opt_state), metrics
+            return new_params, new_opt_state, metrics
 
-        steps = start_step + jnp.arange(n)
-        (params, opt_state), metrics = jax.lax.scan(one_step, (params, opt_state), steps)
-        return params, opt_state, metrics
+        def body(i, carry):
+            params, opt_state, metrics = carry
+            params, opt_state, m = one_step(params, opt_state, start_step + i)
+            metrics = {k: metrics[k].at[i].set(m[k]) for k in metrics}
+            return params, opt_state, metrics
+
+        metrics = {
+            **{k: jnp.zeros(n, jnp.float32) for k in ("loss", "accuracy", "lr")},
+            "nonfinite": jnp.zeros(n, bool),
+        }
+        # A traced trip count is a while loop: the same program for every ``steps``.
+        return jax.lax.fori_loop(0, steps, body, (params, opt_state, metrics))
 
     if mesh is None:
         return jax.jit(chunk, static_argnums=(4,), donate_argnums=(0, 1))
@@ -123,9 +136,9 @@ def make_train_chunk(
 
 
 def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
-    """``params -> metrics`` on the held-out set, jitted at its first call (the held-out
-    batch drawn then, a constant of the program): teacher-forced loss and token
-    accuracy, and ``exact_match``, the fraction of sequences whose answer greedy decoding from
+    """``params -> metrics`` on the held-out set, one jitted program compiled at its first
+    call (the held-out batch is drawn inside it, the same every call): teacher-forced loss
+    and token accuracy, and ``exact_match``, the fraction of sequences whose answer greedy decoding from
     ``BOS x SEP`` gets exactly right.
 
     Exact-match is computed from the one teacher-forced pass: greedy decoding reproduces the
@@ -139,15 +152,12 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
     task = config.task
     prompt_len, answer_len = tasks.prompt_length(task), tasks.answer_length(task)
     first = prompt_len - 1  # index in `targets` of the first answer token
-    compiled = []  # built at the first evaluation: building a plan compiles nothing
 
+    @jax.jit  # compiled at the first evaluation: building a plan compiles nothing
     def evaluate(params):
-        if not compiled:
-            batch = jax.jit(tasks.eval_batch, static_argnums=0)(task)
-            compiled.append(jax.jit(lambda params: held_out(params, batch)))  # batch: a constant
-        return compiled[0](params)
-
-    def held_out(params, batch):
+        # The held-out batch is drawn inside the program (microseconds a call), which is
+        # then the only one an evaluation compiles.
+        batch = tasks.eval_batch(task)
         model = nnx.merge(graphdef, params)
         logits = model(batch.inputs)
         loss = cross_entropy(logits, batch.targets, batch.loss_mask, 0.0)

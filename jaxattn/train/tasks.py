@@ -28,6 +28,7 @@ the task names from :data:`TASKS`), not here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -167,8 +168,11 @@ def make_batch(task: TaskConfig, key: jax.Array, batch_size: int) -> Batch:
 PRNG_IMPL = "rbg"
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def seed_key(seed: int) -> jax.Array:
-    """The PRNG key the trainer and the held-out set derive everything from."""
+    """The PRNG key the trainer and the held-out set derive everything from. ``seed``: a
+    Python int (static: one small program per seed, where calling it eagerly compiled three,
+    every run)."""
     return jax.random.key(seed, impl=PRNG_IMPL)
 
 

@@ -147,11 +147,11 @@ def _interrupt_after(monkeypatch, step: int, signum=signal.SIGTERM) -> None:
     at ``step`` has run."""
     real = plan.Plan.chunk
 
-    def chunk(self, n):
-        compiled = real(self, n)
+    def chunk(self):
+        compiled = real(self)
 
-        def interrupted(params, opt_state, key, first):
-            out = compiled(params, opt_state, key, first)
+        def interrupted(params, opt_state, key, first, n):
+            out = compiled(params, opt_state, key, first, n)
             if first + n == step:
                 os.kill(os.getpid(), signum)
             return out

@@ -689,7 +689,7 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_the_directory_exists
 def test_xla_running_out_of_memory_is_one_line_and_the_new_run_is_removed(tmp_path, monkeypatch):
     import jax
 
-    def exhausted(self, n):
+    def exhausted(self):
         class Compiled:
             def memory_analysis(self):
                 return None
