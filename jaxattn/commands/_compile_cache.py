@@ -57,13 +57,13 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _usable(directory: Path, *, ours: bool) -> str | None:
-    """None when ``directory`` can hold the cache (created if missing), else why not."""
+def _usable(directory: Path) -> str | None:
+    """None when ``directory`` can hold the cache (created, private, if missing), else why
+    not."""
+    if directory.exists() and not directory.is_dir():
+        return "not a directory"
     try:
-        if ours:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not directory.is_dir():
-            return "not a directory" if directory.exists() else "no such directory"
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as err:
         return err.strerror or type(err).__name__
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -92,9 +92,10 @@ def use_compile_cache(prog: str, enabled: bool = True, say=_say) -> Path | None:
     named = jax.config.jax_compilation_cache_dir
     directory = Path(named).expanduser() if named else default_dir()
     ours = not named
-    problem = _usable(directory, ours=ours)
+    problem = _usable(directory)
     if problem is not None:
         say(f"{prog}: compilation cache off, {directory}: {problem} ({_FLAG} skips it)")
+        jax.config.update("jax_enable_compilation_cache", False)  # JAX would try it all the same
         return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:

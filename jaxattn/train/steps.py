@@ -138,8 +138,8 @@ def make_train_chunk(
 def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
     """``params -> metrics`` on the held-out set, one jitted program compiled at its first
     call (the held-out batch is drawn inside it, the same every call): teacher-forced loss
-    and token accuracy, and ``exact_match``, the fraction of sequences whose answer greedy decoding from
-    ``BOS x SEP`` gets exactly right.
+    and token accuracy, and ``exact_match``, the fraction of sequences whose answer greedy
+    decoding from ``BOS x SEP`` gets exactly right.
 
     Exact-match is computed from the one teacher-forced pass: greedy decoding reproduces the
     answer exactly if and only if the argmax at every answer position, given the true prefix,
