@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 
-from jaxattn.train import distributed
+from jaxattn.train import distributed, pictures
 from jaxattn.train.checkpoints import Checkpoints
 from jaxattn.train.config import (
     Config,
@@ -124,6 +124,8 @@ def _run(
                     missing = not all(p.is_file() for p in run.pictures)
                 else:
                     session.start_files()
+                    if config.train.pictures:  # matplotlib's import overlaps the steps
+                        pictures.preload()
                     session.train(params, opt_state)
                     result, missing = session.finish(log), True
         except BaseException as err:

@@ -5,9 +5,11 @@ trainer draws them at the end of a run; ``python -m jaxattn.commands.viz`` draws
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,20 @@ def _figure(width: float, height: float):
             "pictures need matplotlib: pip install 'jaxattn[viz]' (or matplotlib)"
         ) from err
     return Figure(figsize=(width, height))
+
+
+def preload() -> None:
+    """Import matplotlib in a background thread (half a second, most of it Python): a run
+    calls this as it starts training, so the import overlaps the steps, which leave the
+    interpreter free while XLA computes. Without matplotlib, nothing happens here (drawing
+    says so later)."""
+
+    def load():
+        with contextlib.suppress(Exception):
+            for module in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+                importlib.import_module(module)  # the figures, and what savefig uses
+
+    threading.Thread(target=load, name="jaxattn-preload-matplotlib", daemon=True).start()
 
 
 def token_labels(tokens) -> list[str]:
@@ -205,7 +221,9 @@ def plot_training_curves(records, path, *, label_smoothing: float = 0.0) -> Path
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    fig.tight_layout()
+    # Fixed margins (inches: 0.65 left, 0.5 bottom) instead of tight_layout, which measured
+    # every label first: 40% of this picture's time.
+    fig.subplots_adjust(left=0.055, right=0.99, bottom=0.15, top=0.92, wspace=0.26)
     return _save(fig, path)
 
 

@@ -247,14 +247,23 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+def attention_inches(layers: int, heads: int, side: float) -> tuple[float, float]:
+    """attention.png's size: square panels of ``side`` inches 0.22 in apart, margins of 0.5 in
+    (left: query labels), 0.9 in (right: the colour bar), 0.5 in (top: the title) and
+    0.42 in (bottom: key labels)."""
+    return side * heads + 0.22 * (heads - 1) + 1.4, side * layers + 0.22 * (layers - 1) + 0.92
+
+
+def _close(pixels, inches, dpi=110) -> bool:
+    return all(abs(p - i * dpi) <= 1 for p, i in zip(pixels, inches, strict=True))
+
+
 @pytest.mark.processes
 def test_training_draws_both_pictures_at_its_expected_size(trained_tiny):
     run_dir, logs = trained_tiny
     assert f"pictures: {run_dir / 'attention.png'}, {run_dir / 'curves.png'}" in logs
     # 2 layers x 4 heads of a 21-token sequence: panels of 0.11 in per token, 110 dpi.
-    side = 0.11 * 21
-    width, height = png_size(run_dir / "attention.png")
-    assert abs(width - (side * 4 + 1.0) * 110) <= 1 and abs(height - (side * 2 + 0.5) * 110) <= 1
+    assert _close(png_size(run_dir / "attention.png"), attention_inches(2, 4, 0.11 * 21))
     assert png_size(run_dir / "curves.png") == (1320, 374)
     # The curves are drawn from every step's loss: all of them are in metrics.jsonl.
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -328,4 +337,4 @@ def test_a_long_sequence_gets_a_picture_of_bounded_size(tmp_path):
     weights = np.tril(np.ones((t, t), np.float32))
     weights = np.broadcast_to(weights / weights.sum(-1, keepdims=True), (1, 2, t, t))
     path = plot_attention(weights, np.arange(t) % 16, tmp_path / "long.png")
-    assert png_size(path) == ((4.0 * 2 + 1.0) * 110, (4.0 + 0.5) * 110)
+    assert _close(png_size(path), attention_inches(1, 2, 4.0))
