@@ -1,6 +1,6 @@
 """Run a tree's ``train.py`` and write where its time went, as JSON, to ``$JAXATTN_PHASES``.
 
-    JAXATTN_PHASES=out.json python benchmarks/_phases.py ROOT/train.py --config ... train.run_dir=...
+    JAXATTN_PHASES=out.json python benchmarks/_phases.py ROOT/train.py --config C [overrides]
 
 Used by ``benchmarks/train_speed.py --against`` on this tree and on an older checkout alike:
 it wraps only what both have (the session's ``train`` and ``_evaluate``, the checkpoints'
@@ -41,11 +41,12 @@ totals = {
 counts = {"programs": 0, "cache_hits": 0}
 inside_session = {"compile": 0.0, "evaluation": 0.0, "checkpoints": 0.0, "depth": 0}
 
-import jaxattn.commands.train  # noqa: E402
+from jax import monitoring  # noqa: E402
+
+import jaxattn.commands.train  # noqa: E402, F401  (the command, imported before it runs)
 import jaxattn.train.checkpoints as checkpoints  # noqa: E402
 import jaxattn.train.loop as loop  # noqa: E402
 import jaxattn.train.session as session  # noqa: E402
-from jax import monitoring  # noqa: E402
 
 totals["import"] = time.perf_counter() - _start
 

@@ -4,7 +4,7 @@ checkpoint), as a user meets it.
     python benchmarks/train_speed.py                    # tiny.yaml, median of 3 runs
     python benchmarks/train_speed.py --also reverse sort next_token --runs 1
     python benchmarks/train_speed.py --checkpoint-cost --runs 7   # checkpoints' share
-    python benchmarks/train_speed.py --against /tmp/before --runs 5  # this tree vs another
+    python benchmarks/train_speed.py --against /tmp/before --runs 3  # this tree vs another
 
 Each run is ``python train.py --config configs/<name>.yaml`` in a fresh process writing to a
 temporary run directory; wall seconds are measured around the process. Steps/s is steps
@@ -17,14 +17,19 @@ on all alike, and reports the medians and their ratios.
 
 ``--against DIR`` runs tiny.yaml with this tree's ``train.py`` and with DIR's (another
 checkout, e.g. ``git worktree add /tmp/before <commit>``: its ``train.py`` imports its own
-``jaxattn``, the script's directory coming first on ``sys.path``), alternating them, and
-reports both and their ratio: a change's cost or gain measured in one interleaved run.
+``jaxattn``), in one interleaved run: this tree's first run (an empty compilation cache) and
+repeat run (the cache one run left), each with pictures on and off, and DIR's runs with
+pictures on and off (with a cache if DIR's commands have one, as for this tree). Each run
+reports its phases (``benchmarks/_phases.py``: import, trace, lower, compile, steps,
+evaluation, checkpoints, pictures); the table gives medians and each case's wall time
+against DIR's with the same pictures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,14 +52,25 @@ _NO_SAVES = (
 )
 
 
-def run_once(config: str, overrides=(), saves: bool = True, root: Path = ROOT) -> dict:
+def run_once(
+    config: str,
+    overrides=(),
+    saves: bool = True,
+    root: Path = ROOT,
+    env: dict | None = None,
+    phases: bool = False,
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
+        if saves and phases:
+            wrapper = (str(Path(__file__).resolve().parent / "_phases.py"),)
+        else:
+            wrapper = () if saves else ("-c", _NO_SAVES)
         start = time.perf_counter()
         proc = subprocess.run(
             [
                 sys.executable,
-                *(() if saves else ("-c", _NO_SAVES)),
+                *wrapper,
                 str(root / "train.py"),
                 "--config",
                 str(root / "configs" / f"{config}.yaml"),
@@ -65,12 +81,19 @@ def run_once(config: str, overrides=(), saves: bool = True, root: Path = ROOT) -
             capture_output=True,
             text=True,
             check=False,
+            env={
+                k: v
+                for k, v in {**os.environ, **(env or {})}.items()
+                if v is not None  # None: unset
+            }
+            | {"JAXATTN_PHASES": str(Path(tmp) / "phases.json")},
         )
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"{config} failed:\n{proc.stderr[-2000:]}")
         summary = json.loads((run_dir / "summary.json").read_text())
         checkpoints = len(list((run_dir / "checkpoints").iterdir()))
+        measured = json.loads((Path(tmp) / "phases.json").read_text()) if phases else {}
     return {
         "checkpoints": checkpoints,
         "wall_s": wall,
@@ -78,6 +101,7 @@ def run_once(config: str, overrides=(), saves: bool = True, root: Path = ROOT) -
         "steps_per_s": summary["steps_per_second"] or float("nan"),
         "exact_match": summary["exact_match"],
         "reached": summary["reached_target"],
+        "phases": measured,
     }
 
 
@@ -125,15 +149,66 @@ def checkpoint_cost(runs: int) -> None:
         print(f"every evaluation / {name}: {every / base:.3f} ({100 * (every / base - 1):+.1f}%)")
 
 
+_PHASES = (
+    "import", "trace", "lower", "compile", "steps", "evaluation", "checkpoints", "pictures"
+)  # fmt: skip
+
+
 def against(other: Path, runs: int) -> None:
-    """tiny.yaml with this tree and with ``other``, alternating; medians and their ratio."""
-    results = _alternating({"this tree": {"root": ROOT}, f"{other}": {"root": other}}, runs)
-    _table(results, "tree", "steps/s (median)", lambda rs: f"{_median(rs, 'steps_per_s'):.1f}")
-    (mine, theirs), (rate_mine, rate_theirs) = (
-        [_median(rs, key) for rs in results.values()] for key in ("wall_s", "steps_per_s")
-    )
+    """tiny.yaml with this tree (first and repeat runs) and with ``other``, pictures on and
+    off, interleaved; medians of the wall time and of each phase, and the ratios."""
+    pictures = {"on": ("train.pictures=true",), "off": ("train.pictures=false",)}
+    with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
+        # This tree's repeat runs share a cache that one untimed run filled; each first run
+        # gets an empty one. The other tree runs as a user runs it: no JAX cache named (if
+        # its commands make one of their own, every run of it is a repeat run).
+        warm = {"JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / "warm")}
+        run_once("tiny", root=ROOT, env=warm)
+        fresh = iter(range(10**6))
+
+        def empty_cache() -> dict:
+            return {"JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / f"first-{next(fresh)}")}
+
+        cases = {}
+        for shown, overrides in pictures.items():
+            cases[f"this tree, first run, pictures {shown}"] = (ROOT, overrides, empty_cache)
+            cases[f"this tree, repeat run, pictures {shown}"] = (ROOT, overrides, lambda: warm)
+            cases[f"{other.name}, pictures {shown}"] = (
+                other, overrides, lambda: {"JAX_COMPILATION_CACHE_DIR": None}
+            )  # fmt: skip
+        results: dict = {name: [] for name in cases}
+        for i in range(runs):
+            for name in list(cases) if i % 2 == 0 else list(cases)[::-1]:
+                root, overrides, env = cases[name]
+                results[name].append(run_once("tiny", overrides, root=root, env=env(), phases=True))
     print(
-        f"\nwall: this tree / other = {mine / theirs:.3f}; steps/s: {rate_mine / rate_theirs:.3f}"
+        "| case | runs | wall s | vs before | "
+        + " | ".join(_PHASES)
+        + " | programs | cache hits | steps/s | exact |"
+    )
+    print("|---|---|---|---|" + "---|" * len(_PHASES) + "---|---|---|---|")
+    before = {
+        shown: _median(results[f"{other.name}, pictures {shown}"], "wall_s") for shown in pictures
+    }
+    for name, rs in results.items():
+        wall = _median(rs, "wall_s")
+        shown = name.rsplit(" ", 1)[-1]
+        cells = [f"{statistics.median(r['phases'][phase] for r in rs):.2f}" for phase in _PHASES]
+        counts = [
+            f"{statistics.median(r['phases'][k] for r in rs):.0f}"
+            for k in ("programs", "cache_hits")
+        ]
+        print(
+            f"| {name} | {len(rs)} | {wall:.2f} | {wall / before[shown]:.2f}x | "
+            + " | ".join(cells + counts)
+            + f" | {_median(rs, 'steps_per_s'):.1f} | {min(r['exact_match'] for r in rs):.4f} |"
+        )
+    print(
+        "\nwall s of each run: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{r['wall_s']:.2f}" for r in rs)
+            for name, rs in results.items()
+        )
     )
 
 

@@ -10,12 +10,14 @@ those objects and never derive them again.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxattn.nn import decoding
+from jaxattn.nn import ModelConfig, decoding
 from jaxattn.nn.model import TinyDecoder
 from jaxattn.train import sharding, tasks
 from jaxattn.train.config import Config
@@ -182,8 +184,21 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
 
 
 def abstract_model(config: Config):
-    """``(graphdef, params)`` of the model with shapes only (no memory, no compute)."""
-    return nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
+    """``(graphdef, params)`` of the model with shapes only (no memory, no compute). The
+    params are the caller's own (a new State: ``load_run`` fills its in place)."""
+    graphdef, params = _abstract_model(config.model, config.task.vocab_size)
+    return graphdef, jax.tree.map(lambda x: x, params)
+
+
+@functools.cache  # tracing the model's construction takes a quarter of a second
+def _abstract_model(model: ModelConfig, vocab_size: int):
+    """Shapes do not depend on the seed: one abstract model per model config and vocabulary
+    (the trainer's plan and the pictures drawn after it share it)."""
+
+    def build():
+        return TinyDecoder(model, vocab_size, rngs=nnx.Rngs(params=tasks.seed_key(0)))
+
+    return nnx.split(nnx.eval_shape(build), nnx.Param)
 
 
 def state_shardings(config: Config, params, opt_state, mesh):
