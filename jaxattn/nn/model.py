@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxattn.nn.cache import KVCache
 from jaxattn.nn.config import COMPUTE_DTYPES, ModelConfig
-from jaxattn.nn.layers import DecoderBlock, dropout, sinusoidal_at, split_keys
+from jaxattn.nn.layers import DecoderBlock, LayerNorm, Linear, dropout, sinusoidal_at, split_keys
 
 __all__ = ["TinyDecoder"]
 
@@ -46,9 +46,9 @@ class TinyDecoder(nnx.Module):
                 rngs=rngs,
             )
         self.blocks = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.final_norm = nnx.LayerNorm(d, dtype=dt, rngs=rngs)
+        self.final_norm = LayerNorm(d, dtype=dt, rngs=rngs)
         if not config.tie_embeddings:
-            self.unembed = nnx.Linear(d, vocab_size, dtype=dt, rngs=rngs)
+            self.unembed = Linear(d, vocab_size, dtype=dt, rngs=rngs)
 
     def __call__(self, tokens, *, key=None, return_attention: bool = False):
         t = tokens.shape[1]
