@@ -49,7 +49,7 @@ def test_the_walkthrough_runs_and_says_what_the_docs_say(trained_tiny, tmp_path)
         "picture: runs/walkthrough/curves.png",
     ]:
         assert expected in out, expected
-    for name, size in [("attention.png", (1126, 563)), ("curves.png", (1320, 374))]:
+    for name, size in [("attention.png", (1243, 633)), ("curves.png", (1320, 374))]:
         with Image.open(tmp_path / "runs" / "walkthrough" / name) as image:
             assert image.size == size
     after = [(path, path.stat().st_mtime_ns) for path in sorted(docs.iterdir())]
