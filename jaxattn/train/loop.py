@@ -85,6 +85,9 @@ def _run(
     if jax.process_count() == 1:  # the path's refusals first: they only read, the memory
         # check compiles (several processes learn a refusal together, in open_agreed)
         check_run_dir(run_dir_for(config), resume=resume, overwrite=overwrite)
+    # The initialisation, the evaluation and the pictures' program compile in the background
+    # while the chunk compiles (check_memory) and the first steps run.
+    plan.compile_ahead(pictures=writer and config.train.pictures)
     check_memory(plan)
     # Room for the kept checkpoints, one being written, and a margin: checked before the
     # run directory is created (each save checks again against the checkpoints' real size).

@@ -108,6 +108,35 @@ def plot_attention(weights, tokens, path, *, title: str | None = None) -> Path:
     return _save(fig, path)
 
 
+_COMPILED: dict = {}  # (graphdef, task) -> attention_of's program, by compile_attention_of
+
+
+def _weights_program(graphdef, task):
+    """``(state, example) -> (tokens, weights)`` of :func:`attention_of`, to be jitted."""
+    from flax import nnx
+
+    from jaxattn.train import tasks
+
+    def weights(state, example):
+        tokens = tasks.eval_batch(task).inputs[example]
+        _, w = nnx.merge(graphdef, state)(tokens[None], return_attention=True)
+        return tokens, w[:, 0]  # [L, 1, N, T, T] -> [L, N, T, T]
+
+    return weights
+
+
+def compile_attention_of(graphdef, params, task) -> None:
+    """Compile :func:`attention_of`'s program ahead of time for a model of ``graphdef`` with
+    ``params`` (shapes only: ``jax.ShapeDtypeStruct``), which it then uses (the trainer
+    compiles it in the background while the steps run)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(nnx.merge(graphdef, params))
+    program = jax.jit(_weights_program(graphdef, task)).lower(state, 0).compile()
+    _COMPILED[graphdef, task] = program
+
+
 def attention_of(model, task, example: int):
     """``(tokens [T], weights [L, N, T, T])`` as NumPy: held-out sequence ``example`` of
     ``task`` (:func:`jaxattn.train.tasks.eval_batch`) and the attention weights ``model``
@@ -116,16 +145,14 @@ def attention_of(model, task, example: int):
     import jax
     from flax import nnx
 
-    from jaxattn.train import tasks
-
     graphdef, state = nnx.split(model)
-
-    def weights(state, example):
-        tokens = tasks.eval_batch(task).inputs[example]
-        _, w = nnx.merge(graphdef, state)(tokens[None], return_attention=True)
-        return tokens, w[:, 0]  # [L, 1, N, T, T] -> [L, N, T, T]
-
-    return jax.device_get(jax.jit(weights)(state, example))
+    compiled = _COMPILED.get((graphdef, task))
+    if compiled is not None:
+        try:
+            return jax.device_get(compiled(state, example))
+        except (TypeError, ValueError):  # other shardings or shapes than compiled for
+            pass
+    return jax.device_get(jax.jit(_weights_program(graphdef, task))(state, example))
 
 
 _CURVE_KEYS = ("step", "train_loss", "eval_loss", "eval_token_accuracy", "exact_match")

@@ -193,7 +193,7 @@ class Session:
 
     def train(self, params, opt_state) -> None:
         tc, progress = self.config.train, self.progress
-        evaluate = self.plan.evaluate
+        evaluator = self.plan.evaluator  # compiled in the background until first needed
         size, every = self.plan.chunk_steps, checkpoint_every(tc)
         base_key = tasks.seed_key(tc.seed)
         bar = tqdm(
@@ -241,7 +241,7 @@ class Session:
                 }
                 best_metrics = None  # what ranks this step's checkpoint, when evaluated
                 if progress.step % tc.eval_every == 0 or progress.step == tc.steps:
-                    best_metrics = self._evaluate(evaluate(params), m, metrics_file)
+                    best_metrics = self._evaluate(evaluator()(params), m, metrics_file)
                     postfix["exact"] = f"{progress.last_eval['exact_match']:.3f}"
                 if self.done or (every and progress.step % every == 0):
                     self._save(params, opt_state, best_metrics)

@@ -211,14 +211,19 @@ def state_shardings(config: Config, params, opt_state, mesh):
     )
 
 
-def init_state(config: Config, optimizer: optax.GradientTransformation, shardings=None):
-    """``(params, opt_state)``, initialised in one compiled call: eager NNX initialisation
-    dispatches (and compiles) every small op one by one, seconds on CPU. With
-    ``shardings`` (:func:`state_shardings`) every array is created in its shard (never whole
-    on one device)."""
+def make_init(config: Config, optimizer: optax.GradientTransformation, shardings=None):
+    """A jitted ``() -> (params, opt_state)`` of the config's seed: eager NNX initialisation
+    dispatches (and compiles) every small op one by one, seconds on CPU. With ``shardings``
+    (:func:`state_shardings`) every array is created in its shard (never whole on one
+    device)."""
 
     def init():
         params = nnx.split(build_model(config), nnx.Param)[1]
         return params, optimizer.init(params)
 
-    return jax.jit(init, out_shardings=shardings)()
+    return jax.jit(init, out_shardings=shardings)
+
+
+def init_state(config: Config, optimizer: optax.GradientTransformation, shardings=None):
+    """``(params, opt_state)``, initialised in one compiled call (:func:`make_init`)."""
+    return make_init(config, optimizer, shardings)()

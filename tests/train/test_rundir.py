@@ -80,7 +80,8 @@ def no_training(monkeypatch):
     """Fail the test if the model is initialised or a training step runs: a refusal or an
     unwritable directory must be reported before any of that. A refusal of the path comes
     before anything compiles; the memory estimate (which compiles the step) is left out
-    here, so an unwritable directory is reported with nothing compiled too."""
+    here, as is the background compilation of the other programs, so an unwritable directory
+    is reported with nothing compiled too."""
 
     def fail(*args, **kwargs):
         raise AssertionError("training started; the run directory should have been refused")
@@ -88,7 +89,8 @@ def no_training(monkeypatch):
     def make_failing_chunk(*args, **kwargs):
         return fail
 
-    monkeypatch.setattr(plan, "init_state", fail)
+    monkeypatch.setattr(plan.Plan, "init_state", fail)
+    monkeypatch.setattr(plan.Plan, "compile_ahead", lambda *args, **kwargs: None)
     monkeypatch.setattr(plan, "make_train_chunk", make_failing_chunk)
     monkeypatch.setattr(loop, "check_memory", lambda *args: None)
 
@@ -370,7 +372,7 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch)
     def no_state(*args, **kwargs):
         raise AssertionError("the model was initialised despite too little free space")
 
-    monkeypatch.setattr(plan, "init_state", no_state)
+    monkeypatch.setattr(plan.Plan, "init_state", no_state)
     real = shutil.disk_usage
     monkeypatch.setattr(
         rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=2**17)
@@ -403,7 +405,7 @@ def test_tilde_is_expanded(tmp_path, monkeypatch):
         assert (home / "x" / MARK).is_file()  # the run directory is open by then
         raise Stop
 
-    monkeypatch.setattr(plan, "init_state", stop)
+    monkeypatch.setattr(plan.Plan, "init_state", stop)
     with pytest.raises(Stop):
         train(small_config("~/x"), log=lambda _: None)
     assert not (home / "x").exists()  # a start that failed leaves nothing
