@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 
-from jaxattn.train import distributed, pictures
+from jaxattn.train import _preload, distributed, pictures
 from jaxattn.train.checkpoints import Checkpoints
 from jaxattn.train.config import (
     Config,
@@ -86,8 +86,9 @@ def _run(
         # check compiles (several processes learn a refusal together, in open_agreed)
         check_run_dir(run_dir_for(config), resume=resume, overwrite=overwrite)
     # The initialisation, the evaluation and the pictures' program compile in the background
-    # while the chunk compiles (check_memory) and the first steps run.
+    # while the chunk compiles (check_memory) and the first steps run; Orbax is imported then.
     plan.compile_ahead(pictures=writer and config.train.pictures)
+    _preload.preload("orbax.checkpoint", "orbax.checkpoint.checkpoint_managers")
     check_memory(plan)
     # Room for the kept checkpoints, one being written, and a margin: checked before the
     # run directory is created (each save checks again against the checkpoints' real size).

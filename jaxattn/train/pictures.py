@@ -5,15 +5,14 @@ trainer draws them at the end of a run; ``python -m jaxattn.commands.viz`` draws
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import math
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
+from jaxattn.train import _preload
 from jaxattn.train.rundir import RunDir, RunError, describe_os_error
 
 
@@ -30,17 +29,10 @@ def _figure(width: float, height: float):
 
 
 def preload() -> None:
-    """Import matplotlib in a background thread (half a second, most of it Python): a run
-    calls this as it starts training, so the import overlaps the steps, which leave the
-    interpreter free while XLA computes. Without matplotlib, nothing happens here (drawing
-    says so later)."""
-
-    def load():
-        with contextlib.suppress(Exception):
-            for module in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
-                importlib.import_module(module)  # the figures, and what savefig uses
-
-    threading.Thread(target=load, name="jaxattn-preload-matplotlib", daemon=True).start()
+    """Import matplotlib in the background (half a second, most of it Python): a run calls
+    this as it starts training, so the import overlaps the steps (:mod:`jaxattn.train._preload`).
+    """
+    _preload.preload("matplotlib.figure", "matplotlib.backends.backend_agg")
 
 
 def token_labels(tokens) -> list[str]:
