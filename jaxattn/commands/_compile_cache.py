@@ -16,14 +16,18 @@ turn it off.
 A cache never fails a command: a directory that cannot be created or written turns it off,
 and an entry that cannot be read or written (a corrupt file, a full disk) is compiled as
 usual; either is said in one line, once. In our own directory an unreadable entry is
-removed, so that the program compiled instead takes its place.
+removed, so that the program compiled instead takes its place, and so is anything that
+would make every later write fail (JAX's eviction reads every entry's ``-atime`` file: an
+entry left without one by a kill or a full disk, or a directory in an entry's place).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -91,7 +95,7 @@ def use_compile_cache(prog: str, enabled: bool = True, say=_say) -> Path | None:
         return None
     named = jax.config.jax_compilation_cache_dir
     directory = Path(named).expanduser() if named else default_dir()
-    ours = not named
+    ours = not named or directory.absolute() == default_dir().absolute()  # evicted alike
     problem = _usable(directory)
     if problem is not None:
         say(f"{prog}: compilation cache off, {directory}: {problem} ({_FLAG} skips it)")
@@ -106,8 +110,12 @@ def use_compile_cache(prog: str, enabled: bool = True, say=_say) -> Path | None:
     return directory
 
 
-_ENTRY_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for '(.+?)'")
+_ENTRY_ERROR = re.compile(
+    r"Error (reading|writing) persistent compilation cache entry for '(.+?)'"
+    r"|Cache value for key .* exceeds the maximum cache size"  # JAX_COMPILATION_CACHE_MAX_SIZE
+)
 _installed: list = []  # the hook, once per process
+_said = threading.Lock()  # compiling threads may fail at the same time: one line all the same
 
 
 def _report_cache_warnings(prog: str, ours: Path | None, say) -> None:
@@ -127,11 +135,15 @@ def _report_cache_warnings(prog: str, ours: Path | None, say) -> None:
         if match is None:
             return show(message, category, filename, lineno, file, line)
         reading, module = match.group(1) == "reading", match.group(2)
-        if reading and state["ours"] is not None:
-            _remove_entries(state["ours"], module)
-        if not state["said"]:
-            state["said"] = True
-            detail = str(message).split(": ", 1)[-1].splitlines()[0][:160]
+        if state["ours"] is not None:
+            if reading:
+                _remove_entries(state["ours"], module)
+            _repair(state["ours"])
+        with _said:
+            first, state["said"] = not state["said"], True
+        if first:
+            detail = str(message).split(": ", 1)[-1].splitlines()[0]
+            detail = re.sub(r"[0-9a-f]{64}", "...", detail)[:200]  # a key's hash: no help
             what = "read" if reading else "written"
             state["say"](
                 f"{state['prog']}: a compilation cache entry could not be {what} "
@@ -153,7 +165,40 @@ def _remove_entries(directory: Path, module: str) -> None:
     except OSError:
         return
     for path in names:
-        try:
-            path.unlink()
-        except OSError:
-            pass
+        _remove(path)
+
+
+def _repair(directory: Path) -> None:
+    """Remove from our directory what makes JAX's every write fail: an entry (``*-cache``,
+    as JAX's eviction lists them) that is not a file or has no ``-atime`` file beside it,
+    and a ``.lockfile`` that is a directory. Under JAX's lock, so that no entry being
+    written by another process is taken for one left without its ``-atime``."""
+    lockfile = directory / ".lockfile"
+    if lockfile.is_dir() and not lockfile.is_symlink():
+        _remove(lockfile)
+    try:
+        import filelock
+
+        with filelock.FileLock(lockfile, timeout=5):
+            for path in directory.glob("*-cache"):
+                atime = path.with_name(path.name[: -len("cache")] + "atime")
+                if not (_is_file(path) and _is_file(atime)):
+                    _remove(path)
+                    _remove(atime)
+    except Exception:  # the lock held elsewhere, a file gone: next time
+        pass
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path`` (a directory with what it holds; a link, never what it points to)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
