@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import dtypes
 
 __all__ = ["LayerNorm", "Linear", "dense", "layer_norm"]
 
@@ -85,7 +86,9 @@ class LayerNorm(nnx.LayerNorm):
         )
         if not plain:
             return super().__call__(x, mask=mask)
-        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        # Flax 0.12.0 has no promote_dtype attribute on LayerNorm: its function then.
+        promote = getattr(self, "promote_dtype", dtypes.promote_dtype)
+        x, scale, bias = promote((x, self.scale[...], self.bias[...]), dtype=self.dtype)
         return layer_norm(x, scale, bias, self.epsilon)
 
 
@@ -142,6 +145,8 @@ class Linear(nnx.Linear):
             and jax.sharding.get_abstract_mesh().empty
         )
         if not plain:
+            if out_sharding is None:  # Flax 0.12.0 takes no out_sharding
+                return super().__call__(inputs)
             return super().__call__(inputs, out_sharding=out_sharding)
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype(
