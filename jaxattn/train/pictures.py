@@ -100,7 +100,9 @@ def plot_attention(weights, tokens, path, *, title: str | None = None) -> Path:
     return _save(fig, path)
 
 
-_COMPILED: dict = {}  # (graphdef, task) -> attention_of's program, by compile_attention_of
+# (graphdef, task) -> attention_of's program, by compile_attention_of: the latest run's only
+# (a process that trains many models keeps one compiled program, not one per model).
+_COMPILED: dict = {}
 
 
 def _weights_program(graphdef, task):
@@ -126,6 +128,7 @@ def compile_attention_of(graphdef, params, task) -> None:
 
     graphdef, state = nnx.split(nnx.merge(graphdef, params))
     program = jax.jit(_weights_program(graphdef, task)).lower(state, 0).compile()
+    _COMPILED.clear()
     _COMPILED[graphdef, task] = program
 
 

@@ -13,6 +13,33 @@ from flax import nnx
 from jaxattn.nn.linear import LayerNorm, Linear
 
 
+def _same_as_flax(ours, theirs, make, names, x, params, w, tol):
+    """Forward value for value and dtype, gradients (x and both parameters) within ``tol``:
+    ``make(cls)`` builds the layer, ``params`` are assigned to its parameters ``names``."""
+
+    def loss(cls, x, *values):
+        layer = make(cls)
+        for name, value in zip(
+            ("kernel", "bias") if hasattr(layer, "kernel") else ("scale", "bias"),
+            values,
+            strict=True,
+        ):
+            getattr(layer, name)[...] = value
+        y = layer(x)
+        return jnp.sum(w * y.astype(jnp.float32)), y
+
+    grad = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)
+    (_, want), want_grads = jax.jit(grad, static_argnums=0)(theirs, x, *params)
+    (_, got), got_grads = jax.jit(grad, static_argnums=0)(ours, x, *params)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    for g, h in zip(got_grads, want_grads, strict=True):
+        assert g.dtype == h.dtype
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(h, np.float32), rtol=tol, atol=tol
+        )
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_layer_norm_is_flaxs_forward_with_the_same_gradient(dtype):
     # The written-out backward: the forward must be Flax's value for value, the gradients
@@ -21,24 +48,9 @@ def test_layer_norm_is_flaxs_forward_with_the_same_gradient(dtype):
     x = jnp.asarray(3 * rng.standard_normal((4, 7, 16)) + 1, dtype)
     w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
     params = (jnp.asarray(rng.standard_normal(16)), jnp.asarray(rng.standard_normal(16)))
-
-    def loss(cls, x, scale, bias):
-        norm = cls(16, dtype=dtype, rngs=nnx.Rngs(0))
-        norm.scale[...], norm.bias[...] = scale, bias
-        y = norm(x)
-        return jnp.sum(w * y.astype(jnp.float32)), y
-
-    grad = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)
-    (_, want), want_grads = jax.jit(grad, static_argnums=0)(nnx.LayerNorm, x, *params)
-    (_, got), got_grads = jax.jit(grad, static_argnums=0)(LayerNorm, x, *params)
-    assert got.dtype == want.dtype
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
-    for g, h in zip(got_grads, want_grads, strict=True):
-        assert g.dtype == h.dtype
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), np.asarray(h, np.float32), rtol=tol, atol=tol
-        )
+    make = lambda cls: cls(16, dtype=dtype, rngs=nnx.Rngs(0))
+    _same_as_flax(LayerNorm, nnx.LayerNorm, make, ("scale", "bias"), x, params, w, tol)
 
 
 def test_layer_norm_falls_back_to_flax_where_it_cannot_express_the_call():
@@ -55,25 +67,10 @@ def test_linear_is_flaxs_forward_with_the_same_gradient(dtype):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((3, 5, 8)), dtype)
     w = jnp.asarray(rng.standard_normal((3, 5, 6)), jnp.float32)
-
-    def loss(cls, x, kernel, bias):
-        layer = cls(8, 6, dtype=dtype, rngs=nnx.Rngs(0))
-        layer.kernel[...], layer.bias[...] = kernel, bias
-        y = layer(x)
-        return jnp.sum(w * y.astype(jnp.float32)), y
-
     params = (jnp.asarray(rng.standard_normal((8, 6))), jnp.asarray(rng.standard_normal(6)))
-    grad = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)
-    (_, want), want_grads = jax.jit(grad, static_argnums=0)(nnx.Linear, x, *params)
-    (_, got), got_grads = jax.jit(grad, static_argnums=0)(Linear, x, *params)
-    assert got.dtype == want.dtype
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
-    for g, h in zip(got_grads, want_grads, strict=True):
-        assert g.dtype == h.dtype
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), np.asarray(h, np.float32), rtol=tol, atol=tol
-        )
+    make = lambda cls: cls(8, 6, dtype=dtype, rngs=nnx.Rngs(0))
+    _same_as_flax(Linear, nnx.Linear, make, ("kernel", "bias"), x, params, w, tol)
 
 
 def test_second_derivatives_are_flaxs():
