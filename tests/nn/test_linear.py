@@ -19,11 +19,7 @@ def _same_as_flax(ours, theirs, make, names, x, params, w, tol):
 
     def loss(cls, x, *values):
         layer = make(cls)
-        for name, value in zip(
-            ("kernel", "bias") if hasattr(layer, "kernel") else ("scale", "bias"),
-            values,
-            strict=True,
-        ):
+        for name, value in zip(names, values, strict=True):
             getattr(layer, name)[...] = value
         y = layer(x)
         return jnp.sum(w * y.astype(jnp.float32)), y
