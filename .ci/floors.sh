@@ -28,7 +28,8 @@ reqs = project["dependencies"] + extras["viz"]
 reqs += [r for r in extras["dev"] if re.match(r"(pytest|pytest-xdist|hypothesis)\s*>=", r)]
 pins = []
 for req in reqs:
-    m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)\s*", req)
+    # `name>=X`, optionally with excluded versions (`,!=Y`): the floor is X
+    m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)\s*(?:,\s*!=\s*[^,;\s]+\s*)*", req)
     if not m:
         sys.exit(f"floors.sh: {req!r} in pyproject.toml has no plain `>=` floor")
     name, floor = m.groups()
