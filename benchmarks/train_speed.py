@@ -17,12 +17,13 @@ on all alike, and reports the medians and their ratios.
 
 ``--against DIR`` runs tiny.yaml with this tree's ``train.py`` and with DIR's (another
 checkout, e.g. ``git worktree add /tmp/before <commit>``: its ``train.py`` imports its own
-``jaxattn``), in one interleaved run: this tree's first run (an empty compilation cache) and
-repeat run (the cache one run left), each with pictures on and off, and DIR's runs with
-pictures on and off (with a cache if DIR's commands have one, as for this tree). Each run
-reports its phases (``benchmarks/_phases.py``: import, trace, lower, compile, steps,
-evaluation, checkpoints, pictures); the table gives medians and each case's wall time
-against DIR's with the same pictures.
+``jaxattn``; ``--against-python DIR/.venv/bin/python`` runs it with the dependencies its own
+``make venv`` installed), in one interleaved run: this tree's first run (an empty
+compilation cache) and repeat run (the cache one run left), each with pictures on and off,
+and DIR's runs with pictures on and off (with a cache if DIR's commands have one, as for
+this tree). Each run reports its phases (``benchmarks/_phases.py``: import, trace, lower,
+compile, steps, evaluation, checkpoints, pictures); the table gives medians and each case's
+wall time against DIR's with the same pictures.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def run_once(
     root: Path = ROOT,
     env: dict | None = None,
     phases: bool = False,
+    python: str = sys.executable,
 ) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
@@ -69,7 +71,7 @@ def run_once(
         start = time.perf_counter()
         proc = subprocess.run(
             [
-                sys.executable,
+                python,
                 *wrapper,
                 str(root / "train.py"),
                 "--config",
@@ -154,9 +156,10 @@ _PHASES = (
 )  # fmt: skip
 
 
-def against(other: Path, runs: int) -> None:
-    """tiny.yaml with this tree (first and repeat runs) and with ``other``, pictures on and
-    off, interleaved; medians of the wall time and of each phase, and the ratios."""
+def against(other: Path, runs: int, python: str = sys.executable) -> None:
+    """tiny.yaml with this tree (first and repeat runs) and with ``other`` (run by
+    ``python``: the interpreter of its own install), pictures on and off, interleaved;
+    medians of the wall time and of each phase, and the ratios."""
     pictures = {"on": ("train.pictures=true",), "off": ("train.pictures=false",)}
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
         # This tree's repeat runs share a cache that one untimed run filled; each first run
@@ -171,16 +174,21 @@ def against(other: Path, runs: int) -> None:
 
         cases = {}
         for shown, overrides in pictures.items():
-            cases[f"this tree, first run, pictures {shown}"] = (ROOT, overrides, empty_cache)
-            cases[f"this tree, repeat run, pictures {shown}"] = (ROOT, overrides, lambda: warm)
+            mine = sys.executable
+            cases[f"this tree, first run, pictures {shown}"] = (ROOT, mine, overrides, empty_cache)
+            cases[f"this tree, repeat run, pictures {shown}"] = (
+                ROOT, mine, overrides, lambda: warm
+            )  # fmt: skip
             cases[f"{other.name}, pictures {shown}"] = (
-                other, overrides, lambda: {"JAX_COMPILATION_CACHE_DIR": None}
+                other, python, overrides, lambda: {"JAX_COMPILATION_CACHE_DIR": None}
             )  # fmt: skip
         results: dict = {name: [] for name in cases}
         for i in range(runs):
             for name in list(cases) if i % 2 == 0 else list(cases)[::-1]:
-                root, overrides, env = cases[name]
-                results[name].append(run_once("tiny", overrides, root=root, env=env(), phases=True))
+                root, python_, overrides, env = cases[name]
+                results[name].append(
+                    run_once("tiny", overrides, root=root, env=env(), phases=True, python=python_)
+                )
     print(
         "| case | runs | wall s | vs before | "
         + " | ".join(_PHASES)
@@ -222,10 +230,16 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--against", type=Path, default=None, help="another checkout to time tiny.yaml against"
     )
+    parser.add_argument(
+        "--against-python",
+        default=sys.executable,
+        help="the interpreter --against's checkout runs with (its own venv: the dependencies "
+        "a user of it installs), default this one",
+    )
     args = parser.parse_args(argv)
     print(f"machine: {machine()}\n")
     if args.against is not None:
-        against(args.against.resolve(), args.runs)
+        against(args.against.resolve(), args.runs, args.against_python)
         return
     if args.checkpoint_cost:
         checkpoint_cost(args.runs)
