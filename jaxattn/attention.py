@@ -235,7 +235,7 @@ def _check(x64, sigs, spec, keyed, **static) -> _Call:
         raise ValueError(
             f"mask has per-sequence values of batch shape {_fmt(spec[0])} but query has batch "
             f"dims {_fmt(batch)}; they must be equal (a mask keeps the batch shape it was "
-            "built with: under jax.vmap, build it inside the mapped function)"
+            "built with: under jax.vmap, pass it as an argument or build it inside)"
         )
     if mask is not None:
         mask_dtype = mask[1] if isinstance(mask, tuple) else None

@@ -171,6 +171,23 @@ def _joint_batch(name_a: str, a: tuple, name_b: str, b: tuple) -> tuple:
     return a or b
 
 
+def _batch_of(stored: tuple, fields, cls) -> tuple:
+    """The batch shape of a mask rebuilt from its pytree leaves: that of the arrays it now
+    holds, when each is an array (inside ``jax.shard_map`` a per-sequence array holds the
+    device's sequences only; inside ``jax.vmap``, one sequence's values), else ``stored``
+    (JAX rebuilds trees with placeholders too)."""
+    shapes = []
+    for name, value in fields:
+        if not hasattr(value, "shape") or not hasattr(value, "ndim"):
+            return stored
+        trailing = 1 if name in cls._per_position else 0
+        shapes.append(tuple(value.shape[: max(value.ndim - trailing, 0)]))
+    shapes = set(shapes) - {()}
+    if len(shapes) > 1:
+        return stored
+    return shapes.pop() if shapes else ()
+
+
 # --------------------------------------------------------------------------------------------
 # The base class
 
@@ -184,6 +201,7 @@ class MaskSpec:
 
     _fields: tuple[str, ...] = ()  # per-sequence values: leaves when arrays, static when ints
     _static_fields: tuple[str, ...] = ("_batch",)
+    _per_position: tuple[str, ...] = ()  # fields with a trailing position axis ([..., L])
     __array_ufunc__ = None  # `np_array & mask` defers to __rand__ (the one-line error)
 
     def __init_subclass__(cls, **kwargs):
@@ -203,6 +221,7 @@ class MaskSpec:
         obj = object.__new__(cls)
         for name, value in (*zip(dynamic, leaves, strict=True), *static):
             setattr(obj, name, value)
+        obj._batch = _batch_of(obj._batch, [(f, getattr(obj, f)) for f in dynamic], cls)
         return obj
 
     def allowed(self, q_idx, k_idx, b, q_len: int, kv_len: int):
@@ -444,6 +463,7 @@ class _TokenPadding(MaskSpec):
 
     _fields = ("q_tokens", "kv_tokens")
     _static_fields = ("_batch", "pad_id")
+    _per_position = ("q_tokens", "kv_tokens")
 
     def __init__(self, q_tokens, kv_tokens, pad_id):
         if q_tokens is None and kv_tokens is None:
@@ -512,6 +532,7 @@ class SegmentMask(MaskSpec):
     """
 
     _fields = ("q_ids", "kv_ids")
+    _per_position = ("q_ids", "kv_ids")
 
     def __init__(self, q_segment_ids, kv_segment_ids=None):
         self.q_ids, qb = _per_sequence("q_segment_ids", q_segment_ids, 1)
@@ -574,6 +595,10 @@ class _Combined(MaskSpec):
         obj = object.__new__(cls)
         obj.op, obj._batch = aux
         obj.parts = tuple(leaves)
+        if all(isinstance(p, MaskSpec) for p in obj.parts):  # the parts' own, rebuilt first
+            shapes = {p.batch_shape() for p in obj.parts} - {()}
+            if len(shapes) <= 1:
+                obj._batch = shapes.pop() if shapes else ()
         return obj
 
     def __init__(self, op: str, parts):

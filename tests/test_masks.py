@@ -293,6 +293,26 @@ def test_masks_vmap_over_lengths():
     np.testing.assert_array_equal(g(jnp.array([1, 3])), [[1, 0, 0, 0], [1, 1, 1, 0]])
 
 
+def test_a_mask_passed_into_vmap_takes_the_batch_of_the_arrays_it_holds_there():
+    """A batched mask given to jax.vmap as an argument is each sequence's own inside (its
+    per-sequence arrays are one row each there), as inside jax.shard_map a device's rows:
+    what tests/train/test_sharding.py checks for attention split over devices."""
+    lengths = jnp.array([1, 3])
+    segments = jnp.array([[0, 0, 1, 1], [0, 1, 1, 1]])
+    mask = ja.PaddingMask(kv_lengths=lengths) & ja.SegmentMask(segments)
+    rows = jax.vmap(lambda m: m.materialize(4, 4))(mask)
+    np.testing.assert_array_equal(rows, mask.materialize(4, 4)[:, 0])
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 4, 2, 8)), jnp.float32) for _ in range(3))
+    mapped = jax.vmap(lambda q, k, v, m: ja.dot_product_attention(q, k, v, mask=m))
+    np.testing.assert_allclose(
+        mapped(q, k, v, mask), ja.dot_product_attention(q, k, v, mask=mask), rtol=1e-6
+    )
+    # A tree of placeholders (what JAX builds trees from, too) keeps the batch it was built with.
+    leaves, treedef = jax.tree.flatten(mask)
+    assert jax.tree.unflatten(treedef, [None] * len(leaves)).batch_shape() == (2,)
+
+
 # --------------------------------------------------------------------------------------------
 # materialize against the rules
 

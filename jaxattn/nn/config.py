@@ -11,7 +11,11 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ACTIVATIONS", "COMPUTE_DTYPES", "NORMS", "POSITIONS", "ModelConfig"]
+__all__ = ["ACTIVATIONS", "COMPUTE_DTYPES", "NORMS", "PAD_ID", "POSITIONS", "ModelConfig"]
+
+# The token that pads variable-length sequences (at the end, or anywhere): every model hides
+# it from attention and pooling, and the tasks' losses skip it (jaxattn.train.tasks.PAD).
+PAD_ID = 0
 
 # The values ModelConfig's string fields may take, implemented in jaxattn.nn.layers and
 # jaxattn.nn.model; the trainer's config checks a loaded value against these.

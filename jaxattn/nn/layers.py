@@ -1,4 +1,5 @@
-"""Flax NNX layers of the decoder: attention, feed-forward, positions, the decoder block.
+"""Flax NNX layers of the models: attention (self and cross), feed-forward, positions, the
+decoder and encoder blocks.
 
 The maths lives in pure functions (``jaxattn.attention``, the position functions here); the
 modules only hold parameters and call them. Arrays are ``[B, T, D]`` between layers and
@@ -73,20 +74,25 @@ def apply_rotary(x, positions):
 
 
 class MultiHeadAttention(nnx.Module):
-    """Causal self-attention with N query heads and K key/value heads (GQA when K < N).
+    """Attention with N query heads and K key/value heads (GQA when K < N): self-attention
+    (causal by default, or under any mask of :mod:`jaxattn.masks`), or, built with
+    ``cross=True``, cross-attention: queries from ``x``, keys and values from ``context``.
 
     Projections: Q ``[D -> N*H]``, K and V ``[D -> K*H]``, output ``[N*H -> D]``, H = D / N.
-    Calls :func:`jaxattn.dot_product_attention` with ``is_causal=True`` (and, when given a
-    key, its attention dropout), so long sequences take the blockwise path in training too.
-    For generation, :meth:`prefill` and :meth:`step` read and write a :class:`LayerCache`.
+    Calls :func:`jaxattn.dot_product_attention` (with, when given a key, its attention
+    dropout), so long sequences take the blockwise path in training too. Rotary positions
+    rotate self-attention's queries and keys only: a query and a key of two different
+    sequences have no relative position. For generation, :meth:`prefill` and :meth:`step`
+    read and write a :class:`LayerCache`.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cross: bool = False):
         d = config.d_model
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads or config.num_heads
         self.head_dim = d // config.num_heads
-        self.rotary = config.positions == "rotary"
+        self.cross = cross
+        self.rotary = config.positions == "rotary" and not cross
         self.attention_dropout = config.attention_dropout
         dt = COMPUTE_DTYPES[config.compute_dtype]
         self.q_proj = Linear(d, self.num_heads * self.head_dim, dtype=dt, rngs=rngs)
@@ -99,35 +105,63 @@ class MultiHeadAttention(nnx.Module):
         k and v ``[B, T, K, H]``, rotary already applied to q and k."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        k, v = self._project_kv(x)
         if self.rotary:
             q, k = apply_rotary(q, positions), apply_rotary(k, positions)
         return q, k, v
+
+    def _project_kv(self, context):
+        """``context [B, S, D]`` -> k and v ``[B, S, K, H]`` (no rotary)."""
+        b, s, _ = context.shape
+        k = self.k_proj(context).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(context).reshape(b, s, self.num_kv_heads, self.head_dim)
+        return k, v
 
     def _merge_heads(self, out):
         b, t = out.shape[:2]
         return self.out_proj(out.reshape(b, t, -1))
 
-    def __call__(self, x, *, key=None, return_weights: bool = False):
-        """``x [B, T, D]`` -> ``[B, T, D]`` (and weights ``[B, N, T, T]`` if asked)."""
-        q, k, v = self._project(x, jnp.arange(x.shape[1]))
+    def __call__(
+        self,
+        x,
+        *,
+        context=None,
+        mask=None,
+        is_causal: bool = True,
+        key=None,
+        return_weights: bool = False,
+    ):
+        """``x [B, T, D]`` -> ``[B, T, D]`` (and weights ``[B, N, T, S]`` if asked).
+
+        Self-attention attends ``x`` to itself (S = T); cross-attention (``cross=True``)
+        attends it to ``context [B, S, D]`` (required). ``mask``: a mask of
+        :mod:`jaxattn.masks` or a bool array broadcastable to ``[B, N, T, S]`` (True = may
+        attend), combined with ``is_causal`` (bottom-right aligned when T != S). A query row
+        that may attend to no key gets zeros, never NaN.
+        """
+        if self.cross:
+            if context is None:
+                raise ValueError("cross-attention needs context [B, S, D], got None")
+            q = self.q_proj(x).reshape(*x.shape[:2], self.num_heads, self.head_dim)
+            k, v = self._project_kv(context)
+        else:
+            q, k, v = self._project(x, jnp.arange(x.shape[1]))
         rate = self.attention_dropout if key is not None else 0.0
         if return_weights:  # the pictures: on the whole arrays
             drop = {"dropout_rate": rate, "dropout_key": key} if rate > 0.0 else {}
             out, weights = dot_product_attention(
-                q, k, v, is_causal=True, return_weights=True, **drop
+                q, k, v, mask=mask, is_causal=is_causal, return_weights=True, **drop
             )
             return self._merge_heads(out), weights
 
-        def attend(q, k, v, key, shard):
+        def attend(q, k, v, key, shard, mask):
             drop = {}
             if rate > 0.0:  # each shard its own dropout draws
                 key = key if shard is None else jax.random.fold_in(key, shard)
                 drop = {"dropout_rate": rate, "dropout_key": key}
-            return dot_product_attention(q, k, v, is_causal=True, **drop)
+            return dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, **drop)
 
-        out = per_shard(attend, q, k, v, key if rate > 0.0 else None)
+        out = per_shard(attend, q, k, v, key if rate > 0.0 else None, mask)
         return self._merge_heads(out)
 
     def prefill(self, x, cache: LayerCache):
@@ -170,12 +204,14 @@ class MultiHeadAttention(nnx.Module):
         return self._merge_heads(out), LayerCache(keys, values)
 
 
-def per_shard(attend, q, k, v, key):
-    """``attend(q, k, v, key, shard)`` on ``q [B, T, N, H]``, ``k, v [B, S, K, H]``: once on
-    the whole arrays (``shard`` None), or, under a mesh with the axes :data:`BATCH_AXES` and
-    :data:`HEAD_AXIS` in context, once per device on its shard (``jax.shard_map``):
+def per_shard(attend, q, k, v, key, mask=None):
+    """``attend(q, k, v, key, shard, mask)`` on ``q [B, T, N, H]``, ``k, v [B, S, K, H]``: once
+    on the whole arrays (``shard`` None), or, under a mesh with the axes :data:`BATCH_AXES`
+    and :data:`HEAD_AXIS` in context, once per device on its shard (``jax.shard_map``):
     B split over the batch axes (as the trainer splits every batch), N and K over the head
-    axis where they divide (else heads stay whole on each device).
+    axis where they divide (else heads stay whole on each device). ``mask`` (None, a mask of
+    :mod:`jaxattn.masks` or a bool array) is split with the batch: each of its arrays whose
+    leading dim is B, the rest whole on every device.
 
     Attention mixes nothing across sequences or heads, so no shard needs another's data:
     left to the partitioner, the blockwise kernel's loops (dynamic slices along B) made XLA
@@ -188,11 +224,11 @@ def per_shard(attend, q, k, v, key):
     mesh = jax.sharding.get_abstract_mesh()
     names = set(getattr(mesh, "axis_names", ()))
     if mesh.empty or not names >= {*BATCH_AXES, HEAD_AXIS}:
-        return attend(q, k, v, key, None)
+        return attend(q, k, v, key, None, mask)
     # Every axis named, those of size 1 too: the transpose of shard_map sums the gradients
     # of an input over the axes its spec leaves out (an all-reduce, even over one device).
     if mesh.size == 1 or q.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
-        return attend(q, k, v, key, None)  # nothing to split, or a batch the mesh cannot split
+        return attend(q, k, v, key, None, mask)  # nothing to split, or a batch it cannot split
     split, kh = mesh.shape[HEAD_AXIS], k.shape[2]
     heads = None
     if q.shape[2] % split == 0 and (kh % split == 0 or split % kh == 0):
@@ -201,13 +237,19 @@ def per_shard(attend, q, k, v, key):
             k, v = jnp.repeat(k, split // kh, axis=2), jnp.repeat(v, split // kh, axis=2)
     spec = P(BATCH_AXES, None, heads, None)
     axes = (*BATCH_AXES, *([HEAD_AXIS] if heads else []))
+    # The mask's arrays: a per-sequence one is split with its sequences, a shared one whole.
+    leaves, treedef = jax.tree.flatten(mask)
+    leaf_specs = [P(BATCH_AXES) if x.ndim and x.shape[0] == q.shape[0] else P() for x in leaves]
 
-    def local(q, k, v, key):
-        return attend(q, k, v, key, jax.lax.axis_index(axes))
+    def local(q, k, v, key, leaves):
+        return attend(q, k, v, key, jax.lax.axis_index(axes), jax.tree.unflatten(treedef, leaves))
 
-    return jax.shard_map(local, in_specs=(spec, spec, spec, P()), out_specs=spec, check_vma=False)(
-        q, k, v, key
-    )
+    return jax.shard_map(
+        local,
+        in_specs=(spec, spec, spec, P(), leaf_specs),
+        out_specs=spec,
+        check_vma=False,
+    )(q, k, v, key, leaves)
 
 
 def _write(cache, x):
@@ -230,31 +272,85 @@ class FeedForward(nnx.Module):
 
 
 class DecoderBlock(nnx.Module):
-    """Attention and feed-forward, each in a residual branch with LayerNorm.
+    """Self-attention, optionally cross-attention, and feed-forward, each in a residual
+    branch with LayerNorm.
 
     ``norm="pre"``: x + f(LN(x)) (stable without warmup tricks); ``norm="post"``:
-    LN(x + f(x)) as in the original paper.
+    LN(x + f(x)) as in the original paper. ``causal=False`` makes self-attention
+    bidirectional (:class:`EncoderBlock`); ``cross=True`` adds cross-attention over an
+    encoder's output between the two (the encoder-decoder's decoder block).
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(
+        self, config: ModelConfig, *, rngs: nnx.Rngs, causal: bool = True, cross: bool = False
+    ):
         self.pre_norm = config.norm == "pre"
         self.rate = config.dropout
+        self.causal = causal
         self.attention = MultiHeadAttention(config, rngs=rngs)
         self.feed_forward = FeedForward(config, rngs=rngs)
         # Statistics in float32 whatever dtype (Flax promotes them); output in the compute dtype.
         dt = COMPUTE_DTYPES[config.compute_dtype]
         self.norm1 = LayerNorm(config.d_model, dtype=dt, rngs=rngs)
         self.norm2 = LayerNorm(config.d_model, dtype=dt, rngs=rngs)
+        self.cross = cross
+        if cross:
+            self.cross_attention = MultiHeadAttention(config, rngs=rngs, cross=True)
+            self.norm_cross = LayerNorm(config.d_model, dtype=dt, rngs=rngs)
 
-    def __call__(self, x, *, key=None, return_weights: bool = False):
-        """``x [B, T, D]`` -> (``[B, T, D]``, attention weights ``[B, N, T, T]`` or None)."""
-        k_attn, k_drop1, k_ff, k_drop2 = split_keys(key, 4)
+    def __call__(
+        self,
+        x,
+        *,
+        mask=None,
+        is_causal: bool | None = None,
+        memory=None,
+        memory_mask=None,
+        key=None,
+        return_weights: bool = False,
+    ):
+        """``x [B, T, D]`` -> (``[B, T, D]``, attention weights or None).
+
+        ``mask``: self-attention's mask (:mod:`jaxattn.masks` or bool), combined with
+        causality: the block's own (``is_causal=None``) or the one given (a prefix-LM's
+        mask is causal itself: it is given with ``is_causal=False``). A cross block attends
+        to ``memory [B, S, D]`` (the encoder's output) under ``memory_mask`` (e.g. the
+        source's padding, ``[B, 1, 1, S]`` or a mask). The weights, when asked:
+        self-attention's ``[B, N, T, T]``; a cross block's are ``(self [B, N, T, T], cross
+        [B, N, T, S])``.
+        """
+        if not self.cross:
+            k_attn, k_drop1, k_ff, k_drop2 = split_keys(key, 4)  # a decoder's draws as before
+            k_cross = k_drop_c = None
+        else:
+            k_attn, k_drop1, k_ff, k_drop2, k_cross, k_drop_c = split_keys(key, 6)
+        causal = self.causal if is_causal is None else is_causal
 
         def attend(h):
-            out = self.attention(h, key=k_attn, return_weights=return_weights)
+            out = self.attention(
+                h, mask=mask, is_causal=causal, key=k_attn, return_weights=return_weights
+            )
             return out if return_weights else (out, None)
 
-        return self._residuals(x, attend, k_drop1, k_ff, k_drop2)
+        x, weights = self._branch(x, self.norm1, attend, k_drop1)
+        if self.cross:
+            if memory is None:
+                raise ValueError("a cross-attention block needs memory [B, S, D], got None")
+
+            def cross(h):
+                out = self.cross_attention(
+                    h,
+                    context=memory,
+                    mask=memory_mask,
+                    is_causal=False,
+                    key=k_cross,
+                    return_weights=return_weights,
+                )
+                return out if return_weights else (out, None)
+
+            x, cross_weights = self._branch(x, self.norm_cross, cross, k_drop_c)
+            weights = (weights, cross_weights) if return_weights else None
+        return self._feed_forward(x, k_ff, k_drop2), weights
 
     def prefill(self, x, cache: LayerCache):
         """:meth:`MultiHeadAttention.prefill` in the block: (``[B, P, D]``, new cache)."""
@@ -264,16 +360,42 @@ class DecoderBlock(nnx.Module):
         """:meth:`MultiHeadAttention.step` in the block: (``[B, 1, D]``, new cache)."""
         return self._residuals(x, lambda h: self.attention.step(h, cache, lengths))
 
-    def _residuals(self, x, attend, k_drop1=None, k_ff=None, k_drop2=None):
-        """The two residual branches around ``attend(h) -> (out, extra)``; returns
-        (x, extra)."""
-        h = self.norm1(x) if self.pre_norm else x
-        attn, extra = attend(h)
-        x = x + dropout(attn, self.rate, k_drop1)
-        if not self.pre_norm:
-            x = self.norm1(x)
-        h = self.norm2(x) if self.pre_norm else x
-        x = x + dropout(self.feed_forward(h, key=k_ff), self.rate, k_drop2)
-        if not self.pre_norm:
-            x = self.norm2(x)
-        return x, extra
+    def _residuals(self, x, attend):
+        """Self-attention's branch ``attend(h) -> (out, extra)`` and the feed-forward's;
+        returns (x, extra)."""
+        x, extra = self._branch(x, self.norm1, attend, None)
+        return self._feed_forward(x, None, None), extra
+
+    def _branch(self, x, norm, f, drop_key):
+        """One residual branch around ``f(h) -> (out, extra)``: returns (x, extra)."""
+        h = norm(x) if self.pre_norm else x
+        out, extra = f(h)
+        x = x + dropout(out, self.rate, drop_key)
+        return (x if self.pre_norm else norm(x)), extra
+
+    def _feed_forward(self, x, k_ff, k_drop):
+        def ff(h):
+            return self.feed_forward(h, key=k_ff), None
+
+        return self._branch(x, self.norm2, ff, k_drop)[0]
+
+
+def remat_block(block: DecoderBlock, x, key, **kwargs):
+    """``block(x, key=key, **kwargs)[0]`` under ``jax.checkpoint``: the backward pass
+    recomputes the block's activations from its inputs instead of keeping them (memory for
+    FLOPs). ``kwargs`` are the block's: masks and memory (arrays or pytrees of arrays) and
+    ``is_causal`` (a Python bool, fixed at trace time)."""
+    is_causal = kwargs.pop("is_causal", None)
+
+    def run(block, x, key, traced):
+        return block(x, key=key, is_causal=is_causal, **traced)[0]
+
+    return nnx.remat(run)(block, x, key, kwargs)
+
+
+class EncoderBlock(DecoderBlock):
+    """The encoder's block: bidirectional self-attention (every token sees every other,
+    padding hidden by the ``mask`` it is given) and feed-forward."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs, causal=False)

@@ -1,16 +1,17 @@
-"""TinyDecoder: a decoder-only transformer in Flax NNX, built from a frozen ModelConfig."""
+"""TinyDecoder: a decoder-only transformer in Flax NNX, built from a frozen ModelConfig:
+causal, or a prefix-LM (the prompt sees itself both ways)."""
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.masks import PrefixLMMask
 from jaxattn.nn.cache import KVCache
 from jaxattn.nn.config import COMPUTE_DTYPES, ModelConfig
-from jaxattn.nn.layers import DecoderBlock, LayerNorm, Linear, dropout, sinusoidal_at, split_keys
+from jaxattn.nn.embedding import embed_tokens, logits_of, position_table, token_table
+from jaxattn.nn.layers import DecoderBlock, LayerNorm, Linear, remat_block, split_keys
 
 __all__ = ["TinyDecoder"]
 
@@ -20,7 +21,10 @@ class TinyDecoder(nnx.Module):
 
     Call with int tokens ``[B, T]`` (T <= ``max_len``) to get float32 logits ``[B, T, V]``;
     with ``return_attention=True`` also the weights of every layer, ``[L, B, N, T, T]``.
-    ``key`` (a PRNG key) turns dropout on; None is evaluation.
+    ``key`` (a PRNG key) turns dropout on; None is evaluation. ``prefix_lengths`` (int or
+    int ``[B]``) makes it a prefix-LM: the first ``prefix_lengths[b]`` tokens of row b (its
+    prompt) see each other both ways, every later token sees the prompt and the tokens up
+    to itself (:class:`jaxattn.masks.PrefixLMMask`); None is causal throughout.
     """
 
     def __init__(self, config: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs):
@@ -28,42 +32,29 @@ class TinyDecoder(nnx.Module):
         self.vocab_size = vocab_size
         d = config.d_model
         dt = COMPUTE_DTYPES[config.compute_dtype]
-        # Embeddings scaled by sqrt(D) at use, so the N(0, 1/D)-initialised table and the
-        # unit-scale sinusoids start at comparable sizes (the paper's sec. 3.4).
-        self.embed = nnx.Embed(
-            vocab_size,
-            d,
-            embedding_init=nnx.initializers.normal(1.0 / math.sqrt(d)),
-            dtype=dt,
-            rngs=rngs,
-        )
+        self.embed = token_table(config, vocab_size, rngs=rngs)
         if config.positions == "learned":
-            self.position_embed = nnx.Embed(
-                config.max_len,
-                d,
-                embedding_init=nnx.initializers.normal(0.02),
-                dtype=dt,
-                rngs=rngs,
-            )
+            self.position_embed = position_table(config, rngs=rngs)
         self.blocks = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = LayerNorm(d, dtype=dt, rngs=rngs)
         if not config.tie_embeddings:
             self.unembed = Linear(d, vocab_size, dtype=dt, rngs=rngs)
 
-    def __call__(self, tokens, *, key=None, return_attention: bool = False):
+    def __call__(self, tokens, *, prefix_lengths=None, key=None, return_attention: bool = False):
         t = tokens.shape[1]
-        if t > self.config.max_len:
-            raise ValueError(f"tokens have length {t} but model.max_len is {self.config.max_len}")
         keys = split_keys(key, len(self.blocks) + 1)
         x = self._embed(tokens, jnp.arange(t), keys[-1])
+        mask, causal = None, True
+        if prefix_lengths is not None:  # the prefix-LM mask is causal after the prompt
+            mask, causal = PrefixLMMask(prefix_lengths), False
         weights = []
         for block, k in zip(self.blocks, keys[:-1], strict=False):
             if self.config.remat and not return_attention:
                 # jax.checkpoint per block: the backward pass recomputes the block's
                 # activations from its input instead of keeping them (memory for FLOPs).
-                x = _remat_block(block, x, k)
+                x = remat_block(block, x, k, mask=mask, is_causal=causal)
                 continue
-            x, w = block(x, key=k, return_weights=return_attention)
+            x, w = block(x, mask=mask, is_causal=causal, key=k, return_weights=return_attention)
             weights.append(w)
         logits = self._logits(x)
         if return_attention:
@@ -130,28 +121,13 @@ class TinyDecoder(nnx.Module):
     # ------------------------------------------------------------------ shared
 
     def _embed(self, tokens, positions, key=None):
-        """Token embeddings plus position encodings at ``positions`` (``[T]`` or
-        ``[B, T]``; rotary positions are applied in attention instead)."""
-        cfg = self.config
-        x = self.embed(tokens) * math.sqrt(cfg.d_model)
-        if cfg.positions in ("sinusoidal", "learned"):
-            if cfg.positions == "sinusoidal":
-                enc = sinusoidal_at(positions, cfg.d_model)
-            else:
-                enc = self.position_embed(positions)
-            enc = enc.astype(x.dtype)  # float32 sinusoids must not promote a bfloat16 stream
-            x = x + (enc[None] if enc.ndim == 2 else enc)  # [T, D] is every row's
-        return dropout(x, cfg.dropout, key)
+        """:func:`~jaxattn.nn.embedding.embed_tokens` with this model's tables."""
+        table = getattr(self, "position_embed", None)
+        return embed_tokens(self.config, self.embed, table, tokens, positions, key)
 
     def _logits(self, x):
-        x = self.final_norm(x)
-        logits = self.embed.attend(x) if self.config.tie_embeddings else self.unembed(x)
-        return logits.astype(jnp.float32)
-
-
-@nnx.remat
-def _remat_block(block: DecoderBlock, x, key):
-    return block(x, key=key)[0]
+        unembed = None if self.config.tie_embeddings else self.unembed
+        return logits_of(x, self.final_norm, self.embed, unembed)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -253,7 +253,7 @@ PER_SHARD = textwrap.dedent(
         kv_sh = NamedSharding(mesh, P(("data", "fsdp"), None, heads, None))
         args = (jax.device_put(q, q_sh), *(jax.device_put(x, kv_sh) for x in (k, v)))
 
-        def attend(q, k, v, key, shard, impl=impl):
+        def attend(q, k, v, key, shard, mask, impl=impl):
             return ja.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
         def sharded(q, k, v, mesh=mesh, attend=attend):
@@ -261,7 +261,7 @@ PER_SHARD = textwrap.dedent(
                 return per_shard(attend, q, k, v, None)
 
         def plain(q, k, v, attend=attend):
-            return attend(q, k, v, None, None)
+            return attend(q, k, v, None, None, None)
 
         def grads(f):
             return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
@@ -288,13 +288,48 @@ PER_SHARD = textwrap.dedent(
             row["plain_collectives"] = collectives(plain)
         out[f"{sizes}-{impl}-{kv}"] = row
 
+    # A per-sequence mask (key padding by lengths, and segments) is split with the batch.
+    from jaxattn.masks import PaddingMask, SegmentMask
+    mesh = make_mesh(2, 1, 2)
+    q, k, v = (jax.random.normal(x, (8, 16, 4, 16)) for x in jax.random.split(jax.random.key(3), 3))
+    sh = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+    lengths = jnp.array([16, 3, 9, 1, 12, 5, 16, 7])
+    segments = jnp.asarray(np.random.default_rng(0).integers(0, 2, (8, 16)))
+
+    def attend_masked(q, k, v, key, shard, mask):
+        return ja.dot_product_attention(q, k, v, mask=mask)
+
+    def masked(q, k, v):
+        mask = PaddingMask(kv_lengths=lengths) & SegmentMask(segments)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return per_shard(attend_masked, q, k, v, None, mask)
+
+    def masked_plain(q, k, v):
+        mask = PaddingMask(kv_lengths=lengths) & SegmentMask(segments)
+        return attend_masked(q, k, v, None, None, mask)
+
+    def grads_of(f):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
+
+    sharded_args = [jax.device_put(x, sh) for x in (q, k, v)]
+    out["mask"] = {
+        "out": np.asarray(jax.jit(masked)(*sharded_args)).tolist(),
+        "expected": np.asarray(jax.jit(masked_plain)(q, k, v)).tolist(),
+        "grads": [np.asarray(g).tolist() for g in grads_of(masked)(*sharded_args)],
+        "expected_grads": [np.asarray(g).tolist() for g in grads_of(masked_plain)(q, k, v)],
+        "collectives": {
+            c: jax.jit(masked).lower(*sharded_args).compile().as_text().count(c + "(")
+            for c in COLLECTIVES
+        },
+    }
+
     # Dropout per shard: every sequence the same, rows 0 and 4 on different data shards.
     mesh = make_mesh(2, 1, 2)
     x = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (1, 16, 4, 16)), (8, 16, 4, 16))
     x = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None)))
 
     def dropped(x, key):
-        def attend(q, k, v, key, shard):
+        def attend(q, k, v, key, shard, mask):
             key = key if shard is None else jax.random.fold_in(key, shard)
             return ja.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_key=key)
 
@@ -326,6 +361,13 @@ def test_attention_runs_per_shard_without_gathering_its_inputs():
         "rows_same_shard_equal": False,
         "rows_other_shard_equal": False,
     }
+    # A mask of per-sequence values is split with its sequences: the values and gradients
+    # of one device, and nothing gathered.
+    masked = out.pop("mask")
+    np.testing.assert_allclose(masked["out"], masked["expected"], rtol=1e-5, atol=1e-6)
+    for got, want in zip(masked["grads"], masked["expected_grads"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert set(masked["collectives"].values()) == {0}
     assert len(out) == 4
     for case, row in out.items():
         forward, backward = row["collectives"]["forward"], row["collectives"]["backward"]
