@@ -87,8 +87,14 @@ def _answer(args) -> list[str]:
     from jaxattn.nn.decoding import generate
     from jaxattn.train import tasks
     from jaxattn.train.load import load_run
+    from jaxattn.train.rundir import RunError
 
     model, config = load_run(args.run, step=args.step)
+    if config.model.kind != "decoder":  # a prefix-LM's prompt must be prefilled both ways
+        raise RunError(
+            f"{args.run}: generate runs a causal decoder, and this run's model.kind is "
+            f"{config.model.kind} (its generation is not written yet)"
+        )
     vocab = config.task.vocab_size
     if args.prompts_file is not None:
         prompts = read_prompts(args.prompts_file, vocab)

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ACTIVATIONS", "COMPUTE_DTYPES", "NORMS", "PAD_ID", "POSITIONS", "ModelConfig"]
+__all__ = [
+    "ACTIVATIONS",
+    "COMPUTE_DTYPES",
+    "KINDS",
+    "NORMS",
+    "PAD_ID",
+    "POSITIONS",
+    "ModelConfig",
+]
 
 # The token that pads variable-length sequences (at the end, or anywhere): every model hides
 # it from attention and pooling, and the tasks' losses skip it (jaxattn.train.tasks.PAD).
@@ -19,6 +27,9 @@ PAD_ID = 0
 
 # The values ModelConfig's string fields may take, implemented in jaxattn.nn.layers and
 # jaxattn.nn.model; the trainer's config checks a loaded value against these.
+# model.kind: the causal decoder (TinyDecoder); the decoder as a prefix-LM (its prompt seen
+# both ways); an encoder with a classifier head (Classifier); an encoder-decoder.
+KINDS = ("decoder", "prefix_lm", "classifier", "encoder_decoder")
 POSITIONS = ("sinusoidal", "learned", "rotary")  # model.positions
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}  # model.activation -> function
 NORMS = ("pre", "post")  # model.norm: LayerNorm before or after each residual branch
@@ -31,8 +42,9 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclass(frozen=True)
 class ModelConfig:
+    kind: str = "decoder"  # decoder | prefix_lm | classifier | encoder_decoder
     d_model: int = 64  # residual stream width
-    num_layers: int = 2  # decoder blocks
+    num_layers: int = 2  # blocks (an encoder-decoder: in the encoder and in the decoder)
     num_heads: int = 4  # query heads N
     num_kv_heads: int | None = None  # key/value heads K (None = num_heads; 1 = multi-query)
     d_ff: int = 256  # hidden width of the feed-forward block

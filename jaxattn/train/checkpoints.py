@@ -47,9 +47,15 @@ ITEMS = ("params", "opt_state", "meta")
 
 def model_spec(config) -> dict:
     """The part of a run config that defines the model's function: ``model.*`` and
-    ``task.vocab_size``, as a flat ``{dotted key: value}`` dict."""
+    ``task.vocab_size`` (and a classifier's ``task.num_classes``), as a flat ``{dotted key:
+    value}`` dict. ``model.kind`` is left out for a decoder, the only kind before the key
+    existed: the checkpoints of those runs keep their spec and load."""
     spec = {f"model.{k}": v for k, v in dataclasses.asdict(config.model).items()}
+    if spec["model.kind"] == "decoder":
+        del spec["model.kind"]
     spec["task.vocab_size"] = config.task.vocab_size
+    if config.model.kind == "classifier":
+        spec["task.num_classes"] = config.task.num_classes
     return spec
 
 

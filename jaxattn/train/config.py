@@ -25,12 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jaxattn.nn.config import ACTIVATIONS, COMPUTE_DTYPES, NORMS, POSITIONS, ModelConfig
+from jaxattn.nn.config import ACTIVATIONS, COMPUTE_DTYPES, KINDS, NORMS, POSITIONS, ModelConfig
 from jaxattn.train import _yaml
 from jaxattn.train.distributed import is_host_port
 from jaxattn.train.optim import SCHEDULES, OptimConfig
 from jaxattn.train.sharding import MeshConfig
-from jaxattn.train.tasks import FIRST_SYMBOL, TASKS, TaskConfig, sequence_length
+from jaxattn.train.tasks import FIRST_SYMBOL, TASKS, TASKS_OF_KIND, TaskConfig, model_length
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,7 @@ _RULES = {
         lambda v: bool(re.fullmatch(r"[\w.-]+", v)) and v not in (".", ".."),
         "a non-empty name of letters, digits, '_', '-' or '.'",
     ),
+    "model.kind": _one_of(*KINDS),
     "model.d_model": _at_least(1),
     "model.num_layers": _at_least(1),
     "model.num_heads": _at_least(1),
@@ -142,6 +143,7 @@ _RULES = {
     "task.batch_size": _at_least(1),
     "task.eval_size": _at_least(1),
     "task.eval_seed": _SEED,
+    "task.num_classes": _at_least(2),
     "mesh.data": _MESH_AXIS,
     "mesh.fsdp": _MESH_AXIS,
     "mesh.tensor": _MESH_AXIS,
@@ -213,10 +215,34 @@ def _cross_field_errors(config: Config):
             f"in one call (gcd of train.steps_per_call={tr.steps_per_call} and "
             f"train.eval_every={tr.eval_every}); got {tr.checkpoint_every}"
         )
-    if m.max_len < sequence_length(t):
+    if t.name not in TASKS_OF_KIND[m.kind]:
+        kinds = [k for k, tasks in TASKS_OF_KIND.items() if t.name in tasks]
         yield (
-            f"model.max_len must be >= {sequence_length(t)}, the sequence length of task "
-            f"{t.name!r} with task.length={t.length}; got {m.max_len}"
+            f"task {t.name!r} is not a task for model.kind={m.kind} (which learns "
+            f"{', '.join(TASKS_OF_KIND[m.kind])}); use model.kind={' or '.join(kinds)}"
+        )
+        return
+    if t.name == "translate":
+        from jaxattn.train.language import VOCAB_SIZE
+
+        if t.length < 5:
+            yield f"task.length must be >= 5 for translate (a sentence's 5 slots); got {t.length}"
+            return
+        if t.vocab_size < VOCAB_SIZE:
+            yield (
+                f"task.vocab_size must be >= {VOCAB_SIZE} for translate (the words of its two "
+                f"languages and PAD, BOS, SEP); got {t.vocab_size}"
+            )
+    if t.name == "classify" and t.num_classes > t.vocab_size - FIRST_SYMBOL:
+        yield (
+            f"task.num_classes must be <= task.vocab_size - {FIRST_SYMBOL} (each class is a "
+            f"symbol); got num_classes={t.num_classes}, vocab_size={t.vocab_size}"
+        )
+    if m.max_len < model_length(t, m.kind):
+        yield (
+            f"model.max_len must be >= {model_length(t, m.kind)}, the longest sequence "
+            f"model.kind={m.kind} reads for task {t.name!r} with task.length={t.length}; "
+            f"got {m.max_len}"
         )
 
 

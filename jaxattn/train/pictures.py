@@ -105,21 +105,24 @@ def plot_attention(weights, tokens, path, *, title: str | None = None) -> Path:
 _COMPILED: dict = {}
 
 
-def _weights_program(graphdef, task):
+def _weights_program(graphdef, task, kind="decoder"):
     """``(state, example) -> (tokens, weights)`` of :func:`attention_of`, to be jitted."""
     from flax import nnx
 
     from jaxattn.train import tasks
 
     def weights(state, example):
-        tokens = tasks.eval_batch(task).inputs[example]
-        _, w = nnx.merge(graphdef, state)(tokens[None], return_attention=True)
+        batch = tasks.eval_batch(task, kind)
+        tokens = batch.inputs[example]
+        prefix = None if batch.prefix_lengths is None else batch.prefix_lengths[example, None]
+        model = nnx.merge(graphdef, state)
+        _, w = model(tokens[None], prefix_lengths=prefix, return_attention=True)
         return tokens, w[:, 0]  # [L, 1, N, T, T] -> [L, N, T, T]
 
     return weights
 
 
-def compile_attention_of(graphdef, params, task) -> None:
+def compile_attention_of(graphdef, params, task, kind="decoder") -> None:
     """Compile :func:`attention_of`'s program ahead of time for a model of ``graphdef`` with
     ``params`` (shapes only: ``jax.ShapeDtypeStruct``), which it then uses (the trainer
     compiles it in the background while the steps run)."""
@@ -127,12 +130,12 @@ def compile_attention_of(graphdef, params, task) -> None:
     from flax import nnx
 
     graphdef, state = nnx.split(nnx.merge(graphdef, params))
-    program = jax.jit(_weights_program(graphdef, task)).lower(state, 0).compile()
+    program = jax.jit(_weights_program(graphdef, task, kind)).lower(state, 0).compile()
     _COMPILED.clear()
-    _COMPILED[graphdef, task] = program
+    _COMPILED[graphdef, task, kind] = program
 
 
-def attention_of(model, task, example: int):
+def attention_of(model, task, example: int, kind: str = "decoder"):
     """``(tokens [T], weights [L, N, T, T])`` as NumPy: held-out sequence ``example`` of
     ``task`` (:func:`jaxattn.train.tasks.eval_batch`) and the attention weights ``model``
     gives it, in one compiled program (run eagerly, each of the model's operations compiles
@@ -141,13 +144,13 @@ def attention_of(model, task, example: int):
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    compiled = _COMPILED.get((graphdef, task))
+    compiled = _COMPILED.get((graphdef, task, kind))
     if compiled is not None:
         try:
             return jax.device_get(compiled(state, example))
         except (TypeError, ValueError):  # other shardings or shapes than compiled for
             pass
-    return jax.device_get(jax.jit(_weights_program(graphdef, task))(state, example))
+    return jax.device_get(jax.jit(_weights_program(graphdef, task, kind))(state, example))
 
 
 _CURVE_KEYS = ("step", "train_loss", "eval_loss", "eval_token_accuracy", "exact_match")
@@ -305,10 +308,16 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
     for path in out.pictures:  # both writable before either is drawn
         if path.is_dir():
             raise RunError(f"cannot write {path}: it is a directory")
-    tokens, weights = attention_of(model, config.task, example)
-    title = f"{config.name}: {config.task.name}, held-out sequence {example}"
     attention, curves = out.pictures
-    return [
-        plot_attention(weights, tokens, attention, title=title),
-        plot_training_curves(records, curves, label_smoothing=config.optim.label_smoothing),
-    ]
+    drawn = []
+    if config.model.kind in _ATTENTION_KINDS:
+        tokens, weights = attention_of(model, config.task, example, config.model.kind)
+        title = f"{config.name}: {config.task.name}, held-out sequence {example}"
+        drawn.append(plot_attention(weights, tokens, attention, title=title))
+    curves = plot_training_curves(records, curves, label_smoothing=config.optim.label_smoothing)
+    return [*drawn, curves]
+
+
+# The kinds whose attention.png is drawn; an encoder's and an encoder-decoder's pictures
+# (its self-attention, the cross-attention's alignment) are not drawn yet: curves.png only.
+_ATTENTION_KINDS = ("decoder", "prefix_lm")

@@ -109,11 +109,12 @@ class Plan:
             ),
             "evaluate": lambda: self.evaluate.lower(params).compile(),
         }
-        if pictures and self.mesh is None:
+        kind = self.config.model.kind
+        if pictures and self.mesh is None and kind in ("decoder", "prefix_lm"):
             from jaxattn.train.pictures import compile_attention_of
 
             programs["pictures"] = lambda: compile_attention_of(
-                self.graphdef, self.params, self.config.task
+                self.graphdef, self.params, self.config.task, kind
             )
         pool = ThreadPoolExecutor(1, thread_name_prefix="jaxattn-compile")
         self._ahead.update({k: pool.submit(f) for k, f in programs.items()})

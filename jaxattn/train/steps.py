@@ -17,17 +17,37 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxattn.nn import ModelConfig, decoding
+from jaxattn.nn import Classifier, EncoderDecoder, ModelConfig, decoding
 from jaxattn.nn.model import TinyDecoder
 from jaxattn.train import sharding, tasks
 from jaxattn.train.config import Config
 from jaxattn.train.optim import cross_entropy, schedule_count, token_accuracy
 
 
-def build_model(config: Config, seed: int | None = None) -> TinyDecoder:
+def build_model(config: Config, seed: int | None = None) -> nnx.Module:
+    """The model of ``config.model.kind`` (TinyDecoder for a decoder or a prefix-LM,
+    Classifier, EncoderDecoder), initialised from ``seed`` (default ``train.seed``)."""
     seed = config.train.seed if seed is None else seed
+    return _new_model(config.model, config.task.vocab_size, config.task.num_classes, seed)
+
+
+def _new_model(model: ModelConfig, vocab_size: int, num_classes: int, seed: int):
     rngs = nnx.Rngs(params=tasks.seed_key(seed))
-    return TinyDecoder(config.model, config.task.vocab_size, rngs=rngs)
+    if model.kind == "classifier":
+        return Classifier(model, vocab_size, num_classes, rngs=rngs)
+    if model.kind == "encoder_decoder":
+        return EncoderDecoder(model, vocab_size, rngs=rngs)
+    return TinyDecoder(model, vocab_size, rngs=rngs)
+
+
+def logits_of(model, batch: tasks.Batch, key=None):
+    """float32 logits ``[B, T, V]`` of ``batch``'s targets, whatever the model's kind (a
+    classifier's ``[B, 1, C]``: its class is a target of length 1)."""
+    if isinstance(model, Classifier):
+        return model(batch.inputs, key=key)[:, None]
+    if isinstance(model, EncoderDecoder):
+        return model(batch.source, batch.inputs, key=key)
+    return model(batch.inputs, prefix_lengths=batch.prefix_lengths, key=key)
 
 
 def updates(config: Config) -> int:
@@ -38,8 +58,7 @@ def updates(config: Config) -> int:
 
 def loss_fn(params, graphdef, batch: tasks.Batch, key, label_smoothing: float):
     """Mean label-smoothed cross-entropy over scored tokens, and the token accuracy."""
-    model = nnx.merge(graphdef, params)
-    logits = model(batch.inputs, key=key)
+    logits = logits_of(nnx.merge(graphdef, params), batch, key)
     loss = cross_entropy(logits, batch.targets, batch.loss_mask, label_smoothing)
     return loss, token_accuracy(logits, batch.targets, batch.loss_mask)
 
@@ -79,7 +98,7 @@ def make_train_chunk(
     as they were; with ``stop`` its update is applied and the caller stops there, never
     saving that state.
     """
-    task, smoothing = config.task, config.optim.label_smoothing
+    task, smoothing, kind = config.task, config.optim.label_smoothing, config.model.kind
     use_dropout = bool(config.model.dropout or config.model.attention_dropout)
     skip_nonfinite = config.train.on_nonfinite == "skip"
 
@@ -94,7 +113,7 @@ def make_train_chunk(
     def run_steps(params, opt_state, base_key, start_step, n, steps):
         def one_step(params, opt_state, step):
             batch_key, dropout_key = jax.random.split(jax.random.fold_in(base_key, step))
-            batch = tasks.make_batch(task, batch_key, task.batch_size)
+            batch = tasks.make_batch(task, batch_key, task.batch_size, kind)
             if mesh is not None:
                 batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
             (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -149,19 +168,26 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
     true one, the model sees the same input). That is one forward pass instead of L. With
     ``decode=True`` it is computed by actually decoding, with the key/value cache
     (:func:`jaxattn.nn.decoding.decode`, what :func:`jaxattn.nn.generate` runs; the tests
-    check that both agree).
+    check that both agree; a causal decoder only).
+
+    The same induction holds for a prefix-LM (its prompt never sees the answer) and an
+    encoder-decoder (its decoder is causal): there the whole target is the answer, ``SEP``
+    (where decoding stops) included and padding not. A classifier's exact-match is its
+    accuracy: the class is the whole answer.
     """
-    task = config.task
+    task, kind = config.task, config.model.kind
+    if decode and kind != "decoder":
+        raise ValueError(f"decode=True evaluates a causal decoder only, not model.kind={kind}")
     prompt_len, answer_len = tasks.prompt_length(task), tasks.answer_length(task)
-    first = prompt_len - 1  # index in `targets` of the first answer token
+    # Index in `targets` of the first answer token: a decoder's answer follows its prompt.
+    first = prompt_len - 1 if kind in ("decoder", "prefix_lm") else 0
 
     @jax.jit  # compiled at the first evaluation: building a plan compiles nothing
     def evaluate(params):
         # The held-out batch is drawn inside the program (microseconds a call), which is
         # then the only one an evaluation compiles.
-        batch = tasks.eval_batch(task)
-        model = nnx.merge(graphdef, params)
-        logits = model(batch.inputs)
+        batch = tasks.eval_batch(task, kind)
+        logits = logits_of(nnx.merge(graphdef, params), batch)
         loss = cross_entropy(logits, batch.targets, batch.loss_mask, 0.0)
         acc = token_accuracy(logits, batch.targets, batch.loss_mask)
         if decode:
@@ -172,7 +198,10 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
             )[:, prompt_len:]
         else:
             predicted = jnp.argmax(logits[:, first:], axis=-1)
-        correct = jnp.all(predicted == batch.targets[:, first:], axis=1)
+        hits = predicted == batch.targets[:, first:]
+        if kind in ("encoder_decoder", "classifier"):  # the scored targets are the answer
+            hits = hits | (batch.loss_mask <= 0)  # a target's padding is not
+        correct = jnp.all(hits, axis=1)
         return {
             "eval_loss": loss,
             "eval_token_accuracy": acc,
@@ -186,17 +215,18 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
 def abstract_model(config: Config):
     """``(graphdef, params)`` of the model with shapes only (no memory, no compute). The
     params are the caller's own (a new State: ``load_run`` fills its in place)."""
-    graphdef, params = _abstract_model(config.model, config.task.vocab_size)
+    num_classes = config.task.num_classes if config.model.kind == "classifier" else 0
+    graphdef, params = _abstract_model(config.model, config.task.vocab_size, num_classes)
     return graphdef, jax.tree.map(lambda x: x, params)
 
 
 @functools.cache  # tracing the model's construction takes a quarter of a second
-def _abstract_model(model: ModelConfig, vocab_size: int):
-    """Shapes do not depend on the seed: one abstract model per model config and vocabulary
-    (the trainer's plan and the pictures drawn after it share it)."""
+def _abstract_model(model: ModelConfig, vocab_size: int, num_classes: int):
+    """Shapes do not depend on the seed: one abstract model per model config, vocabulary and
+    classes (the trainer's plan and the pictures drawn after it share it)."""
 
     def build():
-        return TinyDecoder(model, vocab_size, rngs=nnx.Rngs(params=tasks.seed_key(0)))
+        return _new_model(model, vocab_size, num_classes, 0)
 
     return nnx.split(nnx.eval_shape(build), nnx.Param)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jaxattn.nn.config import ACTIVATIONS, NORMS, POSITIONS
+from jaxattn.nn.config import ACTIVATIONS, KINDS, NORMS, POSITIONS
 from jaxattn.train import _yaml, optim, tasks
 from jaxattn.train.config import (
     Config,
@@ -45,7 +45,19 @@ def error(path, overrides=()) -> str:
 
 
 def test_configs_are_shipped():
-    assert {p.stem for p in SHIPPED} >= {"tiny", "reverse", "sort", "next_token"}
+    assert {p.stem for p in SHIPPED} >= {
+        "tiny",
+        "reverse",
+        "sort",
+        "next_token",
+        "translate",
+        "classify",
+        "copy_seq2seq",
+    }
+
+
+# The configs whose task is not their name: the model kind is what differs from tiny.yaml.
+_TASK_OF = {"tiny": "copy", "copy_seq2seq": "copy"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -53,10 +65,10 @@ def test_shipped_config_loads(path):
     config = load_config(path)
     assert isinstance(config, Config)
     assert config.name == path.stem
-    assert config.model.max_len >= tasks.sequence_length(config.task)
+    assert config.model.max_len >= tasks.model_length(config.task, config.model.kind)
     assert run_dir_for(config) == Path("runs") / path.stem
-    if path.stem != "tiny":
-        assert config.task.name == path.stem
+    assert config.task.name == _TASK_OF.get(path.stem, path.stem)
+    assert config.task.name in tasks.TASKS_OF_KIND[config.model.kind]
 
 
 def test_defaults_are_tiny():
@@ -371,7 +383,11 @@ def test_out_of_range(override, expected):
         ("model.positions=rope", "model.positions must be one of sinusoidal, learned, rotary"),
         ("model.activation=swish", "model.activation must be one of relu, gelu; got 'swish'"),
         ("model.norm=mid", "model.norm must be one of pre, post; got 'mid'"),
-        ("task.name=add", "task.name must be one of copy, reverse, sort, next_token; got 'add'"),
+        (
+            "task.name=add",
+            "task.name must be one of copy, reverse, sort, next_token, translate, classify;"
+            " got 'add'",
+        ),
         (
             "optim.schedule=linear",
             "optim.schedule must be one of noam, warmup_cosine, warmup_rsqrt, warmup_constant;"
@@ -388,6 +404,7 @@ def test_not_in_allowed_set(override, expected):
     ("key", "names"),
     [
         ("task.name", tasks.TASKS),
+        ("model.kind", KINDS),
         ("optim.schedule", optim.SCHEDULES),
         ("model.positions", POSITIONS),
         ("model.activation", tuple(ACTIVATIONS)),
@@ -398,7 +415,17 @@ def test_allowed_names_are_those_the_modules_implement(key, names):
     assert f"must be one of {', '.join(names)}; got 'zzz'" in error(TINY, [f"{key}=zzz"])
     section, leaf = key.split(".")
     for name in names:
-        assert getattr(getattr(load_config(TINY, [f"{key}={name}"]), section), leaf) == name
+        more = _WITH.get(f"{key}={name}", [])  # what else the name needs
+        config = load_config(TINY, [f"{key}={name}", *more])
+        assert getattr(getattr(config, section), leaf) == name
+
+
+# A task, or a model kind, that tiny.yaml's other keys do not fit.
+_WITH = {
+    "task.name=translate": ["model.kind=encoder_decoder", "task.vocab_size=47"],
+    "task.name=classify": ["model.kind=classifier"],
+    "model.kind=classifier": ["task.name=classify"],
+}
 
 
 @pytest.mark.parametrize(
@@ -415,13 +442,42 @@ def test_allowed_names_are_those_the_modules_implement(key, names):
         ),
         (
             ["task.length=16"],
-            "model.max_len must be >= 34, the sequence length of task 'copy' with"
-            " task.length=16; got 32",
+            "model.max_len must be >= 34, the longest sequence model.kind=decoder reads for"
+            " task 'copy' with task.length=16; got 32",
         ),
         (
             ["model.positions=rotary", "model.d_model=36"],
             "model.positions=rotary needs an even head dim model.d_model / model.num_heads;"
             " got 36 / 4 = 9",
+        ),
+        (
+            ["task.name=classify"],
+            "task 'classify' is not a task for model.kind=decoder (which learns copy, reverse,"
+            " sort, next_token); use model.kind=classifier",
+        ),
+        (
+            ["model.kind=encoder_decoder", "task.name=next_token"],
+            "task 'next_token' is not a task for model.kind=encoder_decoder (which learns"
+            " copy, reverse, sort, translate); use model.kind=decoder",
+        ),
+        (
+            ["model.kind=encoder_decoder", "task.name=translate", "task.length=4"],
+            "task.length must be >= 5 for translate (a sentence's 5 slots); got 4",
+        ),
+        (
+            ["model.kind=encoder_decoder", "task.name=translate", "task.length=9"],
+            "task.vocab_size must be >= 47 for translate (the words of its two languages and"
+            " PAD, BOS, SEP); got 16",
+        ),
+        (
+            ["model.kind=classifier", "task.name=classify", "task.num_classes=14"],
+            "task.num_classes must be <= task.vocab_size - 3 (each class is a symbol); got"
+            " num_classes=14, vocab_size=16",
+        ),
+        (
+            ["model.kind=classifier", "task.name=classify", "task.length=33"],
+            "model.max_len must be >= 33, the longest sequence model.kind=classifier reads"
+            " for task 'classify' with task.length=33; got 32",
         ),
     ],
 )
@@ -433,6 +489,10 @@ def test_cross_field_boundaries_pass():
     assert load_config(TINY, ["task.length=15"]).model.max_len == 32  # 2 * 15 + 2 = 32
     assert load_config(TINY, ["model.num_kv_heads=4"]).model.num_kv_heads == 4
     assert load_config(TINY, ["model.positions=rotary", "model.d_model=32"]).model.d_model == 32
+    seq2seq = ["model.kind=encoder_decoder", "task.length=31"]  # BOS y: 32 tokens
+    assert load_config(TINY, seq2seq).task.length == 31
+    classify = ["model.kind=classifier", "task.name=classify", "task.length=32"]
+    assert load_config(TINY, [*classify, "task.num_classes=13"]).task.num_classes == 13
 
 
 @pytest.mark.parametrize("override", ["train.steps", "=5", ""])

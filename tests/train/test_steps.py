@@ -202,7 +202,7 @@ def test_accumulating_k_micro_batches_is_one_update_on_their_union(tmp_path):
             tasks.make_batch(whole.task, jax.random.split(jax.random.fold_in(base_key, step))[0], b)
             for step in range(update * k, (update + 1) * k)
         ]
-        return tasks.Batch(*(jnp.concatenate(parts) for parts in zip(*batches, strict=True)))
+        return jax.tree.map(lambda *parts: jnp.concatenate(parts), *batches)
 
     @jax.jit  # one program for both updates (eagerly, every op would compile on its own)
     def update_on(params, state, batch):

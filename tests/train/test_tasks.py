@@ -24,10 +24,11 @@ def sequences(name, key=0, batch=B, **kw):
 
 def test_constants():
     assert (tasks.PAD, tasks.BOS, tasks.SEP, tasks.FIRST_SYMBOL) == (0, 1, 2, 3)
-    assert tasks.TASKS == ("copy", "reverse", "sort", "next_token")
+    assert tasks.SEQUENCE_TASKS == ("copy", "reverse", "sort", "next_token")
+    assert tasks.TASKS == (*tasks.SEQUENCE_TASKS, "translate", "classify")
 
 
-@pytest.mark.parametrize("name", tasks.TASKS)
+@pytest.mark.parametrize("name", tasks.SEQUENCE_TASKS)
 def test_layout_and_symbol_range(name):
     seq = sequences(name)
     assert seq.shape == (B, 2 * L + 2)
@@ -58,19 +59,20 @@ def test_answers_match_numpy(name, answer):
 
 def test_same_key_gives_same_x_across_tasks():
     # The task only changes the answer half; the drawn symbols are the same for a given key.
-    xs = [sequences(name)[:, : L + 2] for name in tasks.TASKS]
+    xs = [sequences(name)[:, : L + 2] for name in tasks.SEQUENCE_TASKS]
     for x in xs[1:]:
         np.testing.assert_array_equal(x, xs[0])
 
 
-@pytest.mark.parametrize("name", tasks.TASKS)
+@pytest.mark.parametrize("name", tasks.SEQUENCE_TASKS)
 def test_batch_is_shifted_sequence(name):
     task = cfg(name)
     key = jax.random.key(3)
     seq = np.asarray(tasks.make_sequences(task, key, B))
     batch = tasks.make_batch(task, key, B)
     assert isinstance(batch, tasks.Batch)
-    for a in batch:
+    assert batch.source is None and batch.prefix_lengths is None  # a decoder's batch
+    for a in batch[:3]:
         assert a.shape == (B, 2 * L + 1)
     assert batch.inputs.dtype == batch.targets.dtype == np.int32
     assert batch.loss_mask.dtype == np.float32
@@ -142,7 +144,7 @@ def test_eval_batch_is_fixed_and_distinct_from_training_batches():
     assert not np.array_equal(e1.inputs, other.inputs)
 
 
-@pytest.mark.parametrize("name", tasks.TASKS)
+@pytest.mark.parametrize("name", tasks.SEQUENCE_TASKS)
 def test_jit_matches_eager(name):
     task = cfg(name)
     jitted = jax.jit(tasks.make_batch, static_argnums=(0, 2))
@@ -167,7 +169,9 @@ def test_unknown_task_of_a_hand_built_config_lists_allowed_names():
     # Loaded configs are validated (tests/train/test_config.py); a TaskConfig built by hand
     # with an unknown name must not silently draw another task's sequences.
     with pytest.raises(
-        ValueError, match=r"task\.name must be one of copy, reverse, sort, next_token; got 'copyy'"
+        ValueError,
+        match=r"task\.name must be one of copy, reverse, sort, next_token \(BOS x SEP y "
+        r"sequences\); got 'copyy'",
     ):
         tasks.make_batch(cfg("copyy"), jax.random.key(0), 2)
 
