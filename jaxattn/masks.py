@@ -251,6 +251,10 @@ class MaskSpec:
         """Leading batch shape of the per-sequence values, ``()`` when there are none."""
         return self._batch
 
+    def is_rule(self) -> bool:
+        """True for a single rule, False for a combination of rules (``a & b``, ``a | b``)."""
+        return True
+
     def is_static(self) -> bool:
         """True when every value is known at trace time (the mask is then a constant)."""
         return _static(*(getattr(self, f) for f in self._fields))
@@ -614,6 +618,9 @@ class _Combined(MaskSpec):
 
     def is_static(self):
         return all(p.is_static() for p in self.parts)
+
+    def is_rule(self) -> bool:
+        return False
 
     def _reduce(self, xs):
         out = xs[0]

@@ -12,19 +12,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.masks import PaddingMask
 from jaxattn.nn.config import COMPUTE_DTYPES, PAD_ID, ModelConfig
 from jaxattn.nn.embedding import embed_tokens, position_table, token_table
-from jaxattn.nn.layers import EncoderBlock, LayerNorm, Linear, remat_block, split_keys
+from jaxattn.nn.layers import (
+    EncoderBlock,
+    LayerNorm,
+    Linear,
+    padding_of,
+    remat_block,
+    split_keys,
+)
 
 __all__ = ["Classifier", "Encoder", "padding_of"]
-
-
-def padding_of(tokens):
-    """The key padding mask of int ``tokens [B, S]``: a mask of :mod:`jaxattn.masks` that
-    hides every key holding :data:`~jaxattn.nn.config.PAD_ID` (query rows stay open: a pad
-    query's output is never read)."""
-    return PaddingMask.from_tokens(kv_tokens=tokens, pad_id=PAD_ID)
 
 
 class Encoder(nnx.Module):

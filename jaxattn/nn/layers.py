@@ -16,9 +16,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxattn.attention import dot_product_attention
+from jaxattn.masks import MaskSpec, PaddingMask
 from jaxattn.nn.axes import BATCH_AXES, HEAD_AXIS
 from jaxattn.nn.cache import LayerCache
-from jaxattn.nn.config import ACTIVATIONS, COMPUTE_DTYPES, ModelConfig
+from jaxattn.nn.config import ACTIVATIONS, COMPUTE_DTYPES, PAD_ID, ModelConfig
 from jaxattn.nn.linear import LayerNorm, Linear
 
 
@@ -127,7 +128,7 @@ class MultiHeadAttention(nnx.Module):
         *,
         context=None,
         mask=None,
-        is_causal: bool = True,
+        is_causal: bool | None = None,
         key=None,
         return_weights: bool = False,
     ):
@@ -136,9 +137,12 @@ class MultiHeadAttention(nnx.Module):
         Self-attention attends ``x`` to itself (S = T); cross-attention (``cross=True``)
         attends it to ``context [B, S, D]`` (required). ``mask``: a mask of
         :mod:`jaxattn.masks` or a bool array broadcastable to ``[B, N, T, S]`` (True = may
-        attend), combined with ``is_causal`` (bottom-right aligned when T != S). A query row
-        that may attend to no key gets zeros, never NaN.
+        attend), combined with ``is_causal`` (bottom-right aligned when T != S; None: causal
+        self-attention, non-causal cross-attention). A query row that may attend to no key
+        gets zeros, never NaN.
         """
+        if is_causal is None:
+            is_causal = not self.cross
         if self.cross:
             if context is None:
                 raise ValueError("cross-attention needs context [B, S, D], got None")
@@ -237,9 +241,8 @@ def per_shard(attend, q, k, v, key, mask=None):
             k, v = jnp.repeat(k, split // kh, axis=2), jnp.repeat(v, split // kh, axis=2)
     spec = P(BATCH_AXES, None, heads, None)
     axes = (*BATCH_AXES, *([HEAD_AXIS] if heads else []))
-    # The mask's arrays: a per-sequence one is split with its sequences, a shared one whole.
+    mask, leaf_specs = _mask_shards(mask, q.shape[0], q.shape[2], heads)
     leaves, treedef = jax.tree.flatten(mask)
-    leaf_specs = [P(BATCH_AXES) if x.ndim and x.shape[0] == q.shape[0] else P() for x in leaves]
 
     def local(q, k, v, key, leaves):
         return attend(q, k, v, key, jax.lax.axis_index(axes), jax.tree.unflatten(treedef, leaves))
@@ -250,6 +253,40 @@ def per_shard(attend, q, k, v, key, mask=None):
         out_specs=spec,
         check_vma=False,
     )(q, k, v, key, leaves)
+
+
+def padding_of(tokens):
+    """The key padding mask of int ``tokens [B, S]``: a mask of :mod:`jaxattn.masks` that
+    hides every key holding :data:`~jaxattn.nn.config.PAD_ID`, wherever it sits (query rows
+    stay open: a pad query's output is never read). The kernel also zeroes the values
+    there, so whatever a pad position holds (NaN included) never reaches a real one."""
+    return PaddingMask.from_tokens(kv_tokens=tokens, pad_id=PAD_ID)
+
+
+def _mask_shards(mask, b: int, n: int, heads):
+    """``(mask, spec of each of its leaves)`` for :func:`per_shard`: what each device takes.
+
+    A mask of :mod:`jaxattn.masks`: the arrays of each of its rules that holds per-sequence
+    values of batch ``(B,)`` are split with the sequences; a rule without them (its arrays
+    ``[L]`` ids, say) stays whole. A bool array, viewed as ``[B|1, N|1, T, S]`` (leading
+    dims of 1 added, as it broadcasts): its batch dim split when it is B, its head dim over
+    the head axis when heads are split and it is N."""
+    if mask is None:
+        return None, []
+    if isinstance(mask, MaskSpec):
+        rules = jax.tree.leaves(mask, is_leaf=lambda x: isinstance(x, MaskSpec) and x.is_rule())
+        specs = []
+        for rule in rules:
+            split = rule.batch_shape() == (b,)
+            specs += [P(BATCH_AXES) if split else P()] * len(jax.tree.leaves(rule))
+        return mask, specs
+    mask = jnp.asarray(mask)
+    if mask.ndim > 4:
+        return mask, [P()]  # not a layout this function splits: the kernel will say why
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    batch = BATCH_AXES if mask.shape[0] == b else None
+    head = heads if mask.shape[1] == n else None
+    return mask, [P(batch, head)]
 
 
 def _write(cache, x):
@@ -354,11 +391,19 @@ class DecoderBlock(nnx.Module):
 
     def prefill(self, x, cache: LayerCache):
         """:meth:`MultiHeadAttention.prefill` in the block: (``[B, P, D]``, new cache)."""
+        self._no_cross("prefill")
         return self._residuals(x, lambda h: self.attention.prefill(h, cache))
 
     def step(self, x, cache: LayerCache, lengths):
         """:meth:`MultiHeadAttention.step` in the block: (``[B, 1, D]``, new cache)."""
+        self._no_cross("step")
         return self._residuals(x, lambda h: self.attention.step(h, cache, lengths))
+
+    def _no_cross(self, what: str) -> None:
+        if self.cross:  # its cross-attention would be skipped: never a silent wrong answer
+            raise NotImplementedError(
+                f"{what} with a key/value cache is written for blocks without cross-attention"
+            )
 
     def _residuals(self, x, attend):
         """Self-attention's branch ``attend(h) -> (out, extra)`` and the feed-forward's;

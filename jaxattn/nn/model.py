@@ -11,7 +11,14 @@ from jaxattn.masks import PrefixLMMask
 from jaxattn.nn.cache import KVCache
 from jaxattn.nn.config import COMPUTE_DTYPES, ModelConfig
 from jaxattn.nn.embedding import embed_tokens, logits_of, position_table, token_table
-from jaxattn.nn.layers import DecoderBlock, LayerNorm, Linear, remat_block, split_keys
+from jaxattn.nn.layers import (
+    DecoderBlock,
+    LayerNorm,
+    Linear,
+    padding_of,
+    remat_block,
+    split_keys,
+)
 
 __all__ = ["TinyDecoder"]
 
@@ -24,7 +31,9 @@ class TinyDecoder(nnx.Module):
     ``key`` (a PRNG key) turns dropout on; None is evaluation. ``prefix_lengths`` (int or
     int ``[B]``) makes it a prefix-LM: the first ``prefix_lengths[b]`` tokens of row b (its
     prompt) see each other both ways, every later token sees the prompt and the tokens up
-    to itself (:class:`jaxattn.masks.PrefixLMMask`); None is causal throughout.
+    to itself (:class:`jaxattn.masks.PrefixLMMask`), PAD tokens hidden; None is causal
+    throughout. Cached generation (:meth:`prefill`, :func:`jaxattn.nn.generate`) is causal:
+    a prefix-LM's is not written yet.
     """
 
     def __init__(self, config: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs):
@@ -45,8 +54,9 @@ class TinyDecoder(nnx.Module):
         keys = split_keys(key, len(self.blocks) + 1)
         x = self._embed(tokens, jnp.arange(t), keys[-1])
         mask, causal = None, True
-        if prefix_lengths is not None:  # the prefix-LM mask is causal after the prompt
-            mask, causal = PrefixLMMask(prefix_lengths), False
+        if prefix_lengths is not None:  # the prefix-LM mask is causal after the prompt;
+            # a pad inside the prefix would be read both ways: hidden
+            mask, causal = PrefixLMMask(prefix_lengths) & padding_of(tokens), False
         weights = []
         for block, k in zip(self.blocks, keys[:-1], strict=False):
             if self.config.remat and not return_attention:

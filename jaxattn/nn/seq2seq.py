@@ -5,8 +5,8 @@ cross-attention over the encoder's output and feed-forward writes the target.
 Cross-attention never reads the source's padding: every source position holding
 :data:`~jaxattn.nn.config.PAD_ID` is hidden from every target query (the mask of
 :func:`~jaxattn.nn.encoder.padding_of`), so extra source padding, or what it holds, changes
-no logit. The target is right-padded: causality keeps its padding out of every real
-position's row, and the tasks' losses skip it.
+no logit. The target's padding is hidden from its self-attention as well (and causality
+keeps right padding out of every real row); the tasks' losses skip it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,15 @@ from flax import nnx
 
 from jaxattn.nn.config import COMPUTE_DTYPES, ModelConfig
 from jaxattn.nn.embedding import embed_tokens, logits_of, token_table
-from jaxattn.nn.encoder import Encoder, padding_of
-from jaxattn.nn.layers import DecoderBlock, LayerNorm, Linear, remat_block, split_keys
+from jaxattn.nn.encoder import Encoder
+from jaxattn.nn.layers import (
+    DecoderBlock,
+    LayerNorm,
+    Linear,
+    padding_of,
+    remat_block,
+    split_keys,
+)
 
 __all__ = ["EncoderDecoder"]
 
@@ -71,13 +78,21 @@ class EncoderDecoder(nnx.Module):
         keys = split_keys(key, len(self.blocks) + 1)
         x = self._embed(target, jnp.arange(target.shape[1]), keys[-1])
         memory_mask = padding_of(source)
+        # The target's own padding is hidden too: causality keeps right padding out of real
+        # rows, and the mask makes the kernel zero what pad positions hold (never 0 * NaN).
+        mask = padding_of(target)
         self_weights, cross_weights = [], []
         for block, k in zip(self.blocks, keys[:-1], strict=False):
             if self.config.remat and not return_attention:
-                x = remat_block(block, x, k, memory=memory, memory_mask=memory_mask)
+                x = remat_block(block, x, k, mask=mask, memory=memory, memory_mask=memory_mask)
                 continue
             x, w = block(
-                x, memory=memory, memory_mask=memory_mask, key=k, return_weights=return_attention
+                x,
+                mask=mask,
+                memory=memory,
+                memory_mask=memory_mask,
+                key=k,
+                return_weights=return_attention,
             )
             if return_attention:
                 self_weights.append(w[0])

@@ -13,8 +13,9 @@ case ending, a second token::
 
 So a model must reorder (the verb moves over the whole object, each adjective over its
 noun), look every word up, and emit the right number of tokens for each: 100% is reachable,
-since nothing is random once the source is drawn. Sentences have 3 to ``length`` words
-(``length`` = 5 + 2 x the most adjectives a noun takes); targets end with ``SEP``.
+since nothing is random once the source is drawn. Sentences have 3 to 5 + 2m words, m the
+most adjectives a noun takes, (``length`` - 5) // 2: at most ``length``. Targets end with
+``SEP``.
 
 Vocabulary (one table for both languages; ids as in :mod:`jaxattn.train.tasks`): PAD, BOS,
 SEP, then the source words, then the target words: :data:`VOCAB_SIZE` ids in all.
@@ -93,6 +94,8 @@ def sentence_pairs(key: jax.Array, batch_size: int, length: int = 9):
     target [B, target_length(length)])``, each right-padded with PAD; a target ends with
     SEP. The same key and sizes always give the same pairs.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int (a static size), got {batch_size!r}")
     m = max_adjectives(length)
     if m < 0:
         raise ValueError(f"translate needs task.length >= 5 (a sentence's 5 slots), got {length}")

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn.nn import PAD_ID, DecoderBlock, EncoderDecoder, ModelConfig, TinyDecoder
+from jaxattn.nn import (
+    PAD_ID,
+    DecoderBlock,
+    EncoderDecoder,
+    ModelConfig,
+    MultiHeadAttention,
+    TinyDecoder,
+)
 from jaxattn.nn.model import count_params
 
 CFG = ModelConfig(d_model=16, num_layers=2, num_heads=4, d_ff=32, max_len=16)
@@ -101,6 +108,37 @@ def test_tied_and_untied_embeddings():
     # The untied model has a target table and an output projection (with its bias) more.
     d, v = CFG.d_model, VOCAB
     assert count_params(untied) - count_params(tied) == v * d + (d * v + v)
+    # And each table does its own job: the source's embeds the source only, the target's
+    # the target only, the projection makes the logits.
+    graphdef, state = nnx.split(untied, nnx.Param)
+
+    def loss(state):
+        return jnp.sum(nnx.merge(graphdef, state)(SOURCE, TARGET) ** 2)
+
+    grads = jax.grad(loss)(state)
+    for name in ("target_embed", "unembed"):
+        assert float(jnp.abs(jax.tree.leaves(grads[name])[0]).max()) > 0.0, name
+    source_table = grads["encoder"]["embed"]["embedding"][...]
+    # The source table's gradient comes from the source's tokens only (through the memory).
+    unused = np.setdiff1d(np.arange(VOCAB), np.asarray(SOURCE))
+    assert float(jnp.abs(source_table[unused]).max()) == 0.0
+    assert float(jnp.abs(source_table).max()) > 0.0
+    target_table = grads["target_embed"]["embedding"][...]
+    unused = np.setdiff1d(np.arange(VOCAB), np.asarray(TARGET))
+    assert float(jnp.abs(target_table[unused]).max()) == 0.0
+
+
+def test_what_the_target_padding_holds_never_reaches_a_real_logit():
+    """The target's pad embedding may hold NaN: causality alone would read it as 0 * NaN."""
+    m = model(tie_embeddings=False)
+    graphdef, state = nnx.split(m)
+    run = jax.jit(lambda state: nnx.merge(graphdef, state)(SOURCE, TARGET))
+    poisoned = jax.tree.map(lambda x: x, state)
+    table = poisoned["target_embed"]["embedding"]
+    table[...] = table[...].at[PAD_ID].set(jnp.nan)
+    base, after = run(state), run(poisoned)
+    for b, n in enumerate(TARGET_LENGTHS):
+        np.testing.assert_array_equal(base[b, :n], after[b, :n])
 
 
 def test_remat_gives_the_same_gradients():
@@ -116,10 +154,22 @@ def test_remat_gives_the_same_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_r)
 
 
-def test_a_cross_block_without_memory_is_one_line():
+def test_a_cross_block_without_memory_or_with_a_cache_is_one_line():
     block = DecoderBlock(CFG, rngs=nnx.Rngs(0), cross=True)
     with pytest.raises(ValueError, match=r"needs memory \[B, S, D\], got None"):
         block(jnp.zeros((1, 3, 16)))
+    cache = TinyDecoder(CFG, VOCAB, rngs=nnx.Rngs(0)).init_cache(1, 4).layers[0]
+    with pytest.raises(NotImplementedError, match="blocks without cross-attention"):
+        block.prefill(jnp.zeros((1, 3, 16)), cache)
+
+
+def test_cross_attention_is_not_causal_unless_asked():
+    attention = MultiHeadAttention(CFG, rngs=nnx.Rngs(0), cross=True)
+    x, memory = jnp.ones((1, 2, 16)), jax.random.normal(jax.random.key(0), (1, 5, 16))
+    _, weights = attention(x, context=memory, return_weights=True)
+    assert float(weights[..., 4].min()) > 0.0  # the first query reads the last key
+    _, causal = attention(x, context=memory, is_causal=True, return_weights=True)
+    assert float(causal[0, :, 0, 4].max()) == 0.0
 
 
 # --------------------------------------------------------------------------- prefix-LM
@@ -139,7 +189,16 @@ def test_prefix_lm_prompt_tokens_see_later_prompt_tokens_and_never_a_target_toke
     after = run(state, tokens.at[0, 6].set(9).at[1, 5].set(9), prefix)
     np.testing.assert_allclose(base[0, :6], after[0, :6], atol=1e-6)
     np.testing.assert_allclose(base[1, :5], after[1, :5], atol=1e-6)
-    # A prefix of 0 (or 1: the first token sees only itself either way) is the causal decoder.
+    # A PAD inside the prefix is read by no one (the prompt's padding, both ways hidden).
+    padded = jnp.array([[1, 3, 4, 0, 0, 2, 5, 6]])
+    _, w = nnx.merge(graphdef, state)(padded, prefix_lengths=5, return_attention=True)
+    assert float(w[..., 3:5].max()) == 0.0
+    # A prefix of 0 (or 1: the first token sees only itself either way) is the causal decoder
+    # at every real position (a pad's own row reads no pad in prefix mode).
+    real = np.asarray(tokens != PAD_ID)
     np.testing.assert_allclose(
-        run(state, tokens, jnp.array([1, 0])), decoder(tokens), rtol=1e-5, atol=1e-6
+        np.asarray(run(state, tokens, jnp.array([1, 0])))[real],
+        np.asarray(decoder(tokens))[real],
+        rtol=1e-5,
+        atol=1e-6,
     )

@@ -323,6 +323,25 @@ PER_SHARD = textwrap.dedent(
         },
     }
 
+    # Bool masks split as they broadcast against [B, N, T, S]: a [T, S] one (T == B here)
+    # stays whole, a [B, N, T, S] one is split over the batch and, with the heads, over them.
+    tril = jnp.tril(jnp.ones((8, 8), bool))
+    per_row = jax.random.bernoulli(jax.random.key(4), 0.7, (8, 4, 8, 8)) | jnp.eye(8, dtype=bool)
+    qs = [x[:, :8] for x in (q, k, v)]
+    bool_cases = {}
+    for name, mask, sizes in (("shared", tril, (4, 1, 1)), ("per_row_head", per_row, (2, 1, 2))):
+        mesh_b = make_mesh(*sizes)
+        sh_b = NamedSharding(mesh_b, P(("data", "fsdp"), None, "tensor", None))
+
+        def with_mask(q, k, v, mask=mask, mesh_b=mesh_b):
+            with jax.sharding.use_abstract_mesh(mesh_b.abstract_mesh):
+                return per_shard(attend_masked, q, k, v, None, mask)
+
+        got = jax.jit(with_mask)(*[jax.device_put(x, sh_b) for x in qs])
+        want = attend_masked(*qs, None, None, mask)
+        bool_cases[name] = float(jnp.max(jnp.abs(got - want)))
+    out["bool_masks"] = bool_cases
+
     # Dropout per shard: every sequence the same, rows 0 and 4 on different data shards.
     mesh = make_mesh(2, 1, 2)
     x = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (1, 16, 4, 16)), (8, 16, 4, 16))
@@ -368,6 +387,10 @@ def test_attention_runs_per_shard_without_gathering_its_inputs():
     for got, want in zip(masked["grads"], masked["expected_grads"], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert set(masked["collectives"].values()) == {0}
+    assert out.pop("bool_masks") == {
+        "shared": pytest.approx(0, abs=1e-6),
+        "per_row_head": pytest.approx(0, abs=1e-6),
+    }
     assert len(out) == 4
     for case, row in out.items():
         forward, backward = row["collectives"]["forward"], row["collectives"]["backward"]
