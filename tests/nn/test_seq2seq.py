@@ -80,7 +80,7 @@ def test_the_decoder_is_causal_and_every_real_source_token_reaches_every_target(
 
 
 @pytest.mark.parametrize(
-    "changes", [{}, {"tie_embeddings": False, "positions": "learned"}, {"positions": "rotary"}]
+    "changes", [{"tie_embeddings": False, "positions": "learned"}, {"positions": "rotary"}]
 )
 def test_extra_padding_of_either_side_changes_no_logit_and_no_gradient(changes):
     m = model(**changes)
@@ -115,7 +115,7 @@ def test_tied_and_untied_embeddings():
     def loss(state):
         return jnp.sum(nnx.merge(graphdef, state)(SOURCE, TARGET) ** 2)
 
-    grads = jax.grad(loss)(state)
+    grads = jax.jit(jax.grad(loss))(state)
     for name in ("target_embed", "unembed"):
         assert float(jnp.abs(jax.tree.leaves(grads[name])[0]).max()) > 0.0, name
     source_table = grads["encoder"]["embed"]["embedding"][...]
@@ -142,15 +142,17 @@ def test_what_the_target_padding_holds_never_reaches_a_real_logit():
 
 
 def test_remat_gives_the_same_gradients():
-    key = jax.random.key(3)
-    plain, remat = model(dropout=0.1), model(dropout=0.1, remat=True)
+    # One layer and the trainer's rbg keys: threefry's dropout draws compile for seconds.
+    key = jax.random.key(3, impl="rbg")
+    plain = model(dropout=0.1, num_layers=1)
+    remat = model(dropout=0.1, num_layers=1, remat=True)
     graphdef, state = nnx.split(plain)
     graphdef_r, _ = nnx.split(remat)
 
     def loss(graphdef):
         return lambda state: jnp.sum(nnx.merge(graphdef, state)(SOURCE, TARGET, key=key) ** 2)
 
-    g, g_r = jax.grad(loss(graphdef))(state), jax.grad(loss(graphdef_r))(state)
+    g, g_r = (jax.jit(jax.grad(loss(gd)))(state) for gd in (graphdef, graphdef_r))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_r)
 
 
