@@ -1,6 +1,7 @@
 """The ``train.py`` command: config file + overrides -> :func:`jaxattn.train.train`.
 
-Train a TinyDecoder on a synthetic task: ``python train.py --config configs/tiny.yaml``.
+Train a model (``model.kind``: a decoder, prefix-LM, classifier or encoder-decoder) on a
+synthetic task: ``python train.py --config configs/tiny.yaml``.
 
 Overrides follow the config file as ``key.sub=value``, e.g. ``train.steps=500``. The run
 directory (``train.run_dir``, default ``runs/<name>``) is created and marked as a run; an
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = OneLineParser(
         allow_abbrev=False,  # "--over" would survive into the printed resume command
-        description="Train a TinyDecoder on a synthetic sequence task.",
+        description="Train a model (model.kind) on a synthetic sequence task.",
         epilog="example: python train.py --config configs/tiny.yaml",
     )
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config file")
