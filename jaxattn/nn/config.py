@@ -14,6 +14,7 @@ import jax.numpy as jnp
 __all__ = [
     "ACTIVATIONS",
     "COMPUTE_DTYPES",
+    "DECODER_KINDS",
     "KINDS",
     "NORMS",
     "PAD_ID",
@@ -30,6 +31,7 @@ PAD_ID = 0
 # model.kind: the causal decoder (TinyDecoder); the decoder as a prefix-LM (its prompt seen
 # both ways); an encoder with a classifier head (Classifier); an encoder-decoder.
 KINDS = ("decoder", "prefix_lm", "classifier", "encoder_decoder")
+DECODER_KINDS = ("decoder", "prefix_lm")  # the kinds built as a TinyDecoder
 POSITIONS = ("sinusoidal", "learned", "rotary")  # model.positions
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}  # model.activation -> function
 NORMS = ("pre", "post")  # model.norm: LayerNorm before or after each residual branch

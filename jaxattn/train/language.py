@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.train.tasks import PAD, SEP
+from jaxattn.train.tasks import PAD, SEP, _check_batch_size
 
 __all__ = ["VOCAB_SIZE", "WORDS", "max_adjectives", "sentence_pairs", "target_length"]
 
@@ -94,13 +94,11 @@ def sentence_pairs(key: jax.Array, batch_size: int, length: int = 9):
     target [B, target_length(length)])``, each right-padded with PAD; a target ends with
     SEP. The same key and sizes always give the same pairs.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int (a static size), got {batch_size!r}")
+    b = _check_batch_size(batch_size)
     m = max_adjectives(length)
     if m < 0:
         raise ValueError(f"translate needs task.length >= 5 (a sentence's 5 slots), got {length}")
     k = jax.random.split(key, 10)
-    b = batch_size
 
     def word(kind, key, shape=()):
         n = len(_SOURCE[kind])

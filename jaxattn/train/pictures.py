@@ -292,6 +292,7 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
     Everything is read and checked before the first picture is written. Raises RunError
     (one line) for an unusable run or an unwritable ``out_dir``, ValueError for ``example``.
     """
+    from jaxattn.nn.config import DECODER_KINDS
     from jaxattn.train.load import load_run
 
     run = RunDir(Path(run_dir).expanduser())
@@ -310,14 +311,9 @@ def draw_run(run_dir, *, example: int = 0, out_dir=None, step="best") -> list[Pa
             raise RunError(f"cannot write {path}: it is a directory")
     attention, curves = out.pictures
     drawn = []
-    if config.model.kind in _ATTENTION_KINDS:
+    if config.model.kind in DECODER_KINDS:  # an encoder's pictures are not drawn yet
         tokens, weights = attention_of(model, config.task, example, config.model.kind)
         title = f"{config.name}: {config.task.name}, held-out sequence {example}"
         drawn.append(plot_attention(weights, tokens, attention, title=title))
     curves = plot_training_curves(records, curves, label_smoothing=config.optim.label_smoothing)
     return [*drawn, curves]
-
-
-# The kinds whose attention.png is drawn; an encoder's and an encoder-decoder's pictures
-# (its self-attention, the cross-attention's alignment) are not drawn yet: curves.png only.
-_ATTENTION_KINDS = ("decoder", "prefix_lm")

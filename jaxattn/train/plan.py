@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import optax
 
+from jaxattn.nn.config import DECODER_KINDS
 from jaxattn.train import sharding, tasks
 from jaxattn.train.config import Config, chunk_size
 from jaxattn.train.optim import make_optimizer, make_schedule
@@ -110,7 +111,7 @@ class Plan:
             "evaluate": lambda: self.evaluate.lower(params).compile(),
         }
         kind = self.config.model.kind
-        if pictures and self.mesh is None and kind in ("decoder", "prefix_lm"):
+        if pictures and self.mesh is None and kind in DECODER_KINDS:  # what pictures draw
             from jaxattn.train.pictures import compile_attention_of
 
             programs["pictures"] = lambda: compile_attention_of(

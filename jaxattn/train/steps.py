@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from jaxattn.nn import Classifier, EncoderDecoder, ModelConfig, decoding
+from jaxattn.nn.config import DECODER_KINDS
 from jaxattn.nn.model import TinyDecoder
 from jaxattn.train import sharding, tasks
 from jaxattn.train.config import Config
@@ -179,8 +180,9 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
     if decode and kind != "decoder":
         raise ValueError(f"decode=True evaluates a causal decoder only, not model.kind={kind}")
     prompt_len, answer_len = tasks.prompt_length(task), tasks.answer_length(task)
-    # Index in `targets` of the first answer token: a decoder's answer follows its prompt.
-    first = prompt_len - 1 if kind in ("decoder", "prefix_lm") else 0
+    # Index in `targets` of the first answer token: a decoder's answer follows its prompt;
+    # an encoder-decoder's or a classifier's targets are all answer.
+    first = prompt_len - 1 if kind in DECODER_KINDS else 0
 
     @jax.jit  # compiled at the first evaluation: building a plan compiles nothing
     def evaluate(params):
@@ -198,9 +200,8 @@ def make_eval_fn(config: Config, graphdef, *, decode: bool = False):
             )[:, prompt_len:]
         else:
             predicted = jnp.argmax(logits[:, first:], axis=-1)
-        hits = predicted == batch.targets[:, first:]
-        if kind in ("encoder_decoder", "classifier"):  # the scored targets are the answer
-            hits = hits | (batch.loss_mask <= 0)  # a target's padding is not
+        # An unscored target (a translation's padding) is no part of the answer.
+        hits = (predicted == batch.targets[:, first:]) | (batch.loss_mask[:, first:] <= 0)
         correct = jnp.all(hits, axis=1)
         return {
             "eval_loss": loss,
